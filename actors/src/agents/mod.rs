@@ -1,0 +1,4 @@
+//! The built-in agents. A new agent is one file here and one line in `builtin.rs`.
+
+pub mod echo;
+pub mod scripted;

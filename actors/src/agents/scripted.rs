@@ -1,0 +1,142 @@
+//! `scripted`: runs a list of steps given as input, so tests, demos and the bench harness can
+//! shape the event stream exactly (PROTOCOL.md §8).
+//!
+//! Input `{"steps":[...]}`, each step one of `{"think":"..."}`, `{"text":"..."}`,
+//! `{"tool":"NAME","args":{...}}`, `{"sleep_ms":N}`, `{"fail":"message"}`, `{"panic":true}`.
+//! A failing tool does not stop the script (the agent sees the error and goes on); `fail` and
+//! `panic` end the run. The answer is the last `text`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::agent::{Agent, AgentError, AgentRun};
+use crate::catalog::Toolbox;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Think(String),
+    Text(String),
+    Tool { name: String, args: Value },
+    Sleep(u64),
+    Fail(String),
+    Panic,
+}
+
+fn parse(input: &Value) -> Result<Vec<Step>, String> {
+    let steps = input
+        .get("steps")
+        .and_then(Value::as_array)
+        .ok_or("scripted takes {\"steps\":[...]}")?;
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| parse_step(step).map_err(|e| format!("step {i}: {e}")))
+        .collect()
+}
+
+fn parse_step(step: &Value) -> Result<Step, String> {
+    let obj = step.as_object().ok_or("a step is an object")?;
+    let text = |key: &str| -> Result<String, String> {
+        obj.get(key).and_then(Value::as_str).map(str::to_string).ok_or(format!("{key} must be a string"))
+    };
+    if obj.contains_key("think") {
+        Ok(Step::Think(text("think")?))
+    } else if obj.contains_key("text") {
+        Ok(Step::Text(text("text")?))
+    } else if obj.contains_key("tool") {
+        let args = obj.get("args").cloned().unwrap_or_else(|| Value::Object(Default::default()));
+        Ok(Step::Tool { name: text("tool")?, args })
+    } else if let Some(ms) = obj.get("sleep_ms") {
+        Ok(Step::Sleep(ms.as_u64().ok_or("sleep_ms must be a non-negative integer")?))
+    } else if obj.contains_key("fail") {
+        Ok(Step::Fail(text("fail")?))
+    } else if obj.get("panic") == Some(&Value::Bool(true)) {
+        Ok(Step::Panic)
+    } else {
+        Err("unknown step: use think, text, tool, sleep_ms, fail or panic".into())
+    }
+}
+
+pub struct Scripted;
+
+#[async_trait]
+impl Agent for Scripted {
+    fn name(&self) -> &'static str {
+        "scripted"
+    }
+
+    fn description(&self) -> &'static str {
+        "Runs the steps it is given in order: {\"steps\":[{\"think\":..},{\"text\":..},{\"tool\":NAME,\"args\":{..}},{\"sleep_ms\":N},{\"fail\":..},{\"panic\":true}]}; answers with the last text."
+    }
+
+    fn check_input(&self, input: &Value, tools: &Toolbox) -> Result<(), String> {
+        for step in parse(input)? {
+            if let Step::Tool { name, .. } = step {
+                if !tools.contains(&name) {
+                    return Err(format!("no tool named {name:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(self: Arc<Self>, run: AgentRun, input: Value) -> Result<Value, AgentError> {
+        let steps = parse(&input).map_err(AgentError::failed)?;
+        let mut answer = Value::Null;
+        for step in steps {
+            match step {
+                Step::Think(t) => run.think(t).await,
+                Step::Text(t) => {
+                    run.partial(t.clone()).await;
+                    answer = Value::String(t);
+                }
+                Step::Tool { name, args } => {
+                    // The outcome is in the tool_completed event; a failed call does not end the script.
+                    let _ = run.tool(&name, args).await;
+                }
+                Step::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                Step::Fail(message) => return Err(AgentError::failed(message)),
+                Step::Panic => panic!("scripted panic step"),
+            }
+        }
+        Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_every_step_kind() {
+        let steps = parse(&json!({"steps":[
+            {"think":"a"},{"text":"b"},{"tool":"clock"},{"sleep_ms":5},{"fail":"x"},{"panic":true}
+        ]}))
+        .unwrap();
+        assert_eq!(
+            steps,
+            vec![
+                Step::Think("a".into()),
+                Step::Text("b".into()),
+                Step::Tool { name: "clock".into(), args: json!({}) },
+                Step::Sleep(5),
+                Step::Fail("x".into()),
+                Step::Panic
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_run() {
+        assert!(parse(&json!("hi")).is_err());
+        assert!(parse(&json!({"steps": 3})).is_err());
+        assert!(parse(&json!({"steps": [{"dance": 1}]})).unwrap_err().contains("step 0"));
+        assert!(parse(&json!({"steps": [{"sleep_ms": -1}]})).is_err());
+        assert!(parse(&json!({"steps": [{"think": 5}]})).is_err());
+        assert!(parse(&json!({"steps": [{"panic": false}]})).is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! Run events: the payloads agents and tools emit, and their one wire encoding.
+//!
+//! An [`EventData`] is what happened; the registry gives it a `seq` and turns it into a
+//! [`Frame`] exactly once (`encode`), and that frame's bytes are shared by the replay buffer
+//! and every connection of the user.
+
+use std::time::SystemTime;
+
+use bytestring::ByteString;
+use serde::Serialize;
+use serde_json::Value;
+
+/// An error inside an event (`tool_completed.error`, `agent_completed.error`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorBody { code: code.into(), message: message.into() }
+    }
+}
+
+/// How a run ended (`agent_completed.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// The payload of one run event; the variant names the event `type` (PROTOCOL.md §2).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum EventData {
+    AgentStarted {
+        agent: String,
+        input: Value,
+    },
+    AgentThinking {
+        text: String,
+    },
+    PartialResult {
+        text: String,
+    },
+    ToolExecuting {
+        tool_call_id: String,
+        tool: String,
+        args: Value,
+    },
+    ToolProgress {
+        tool_call_id: String,
+        tool: String,
+        message: String,
+        fraction: Option<f64>,
+    },
+    ToolCompleted {
+        tool_call_id: String,
+        tool: String,
+        ok: bool,
+        result: Value,
+        error: Option<ErrorBody>,
+        duration_ms: u64,
+    },
+    AgentCompleted {
+        status: RunStatus,
+        result: Value,
+        error: Option<ErrorBody>,
+        duration_ms: u64,
+        usage: Value,
+    },
+}
+
+impl EventData {
+    /// The event's `type` on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventData::AgentStarted { .. } => "agent_started",
+            EventData::AgentThinking { .. } => "agent_thinking",
+            EventData::PartialResult { .. } => "partial_result",
+            EventData::ToolExecuting { .. } => "tool_executing",
+            EventData::ToolProgress { .. } => "tool_progress",
+            EventData::ToolCompleted { .. } => "tool_completed",
+            EventData::AgentCompleted { .. } => "agent_completed",
+        }
+    }
+}
+
+/// One sequenced, encoded run event: what sessions write and the replay buffer keeps.
+/// Cloning shares the bytes.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub seq: u64,
+    pub text: ByteString,
+}
+
+#[derive(Serialize)]
+struct Wire<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: u64,
+    run_id: &'a str,
+    thread_id: Option<&'a str>,
+    ts: String,
+    data: &'a EventData,
+}
+
+/// Encodes an event for the wire. Called once per event, by the registry.
+pub fn encode(
+    seq: u64,
+    run_id: &str,
+    thread_id: Option<&str>,
+    at: SystemTime,
+    data: &EventData,
+) -> Frame {
+    let wire = Wire {
+        kind: data.kind(),
+        seq,
+        run_id,
+        thread_id,
+        ts: humantime::format_rfc3339_micros(at).to_string(),
+        data,
+    };
+    // Serialising these types cannot fail: every map key is a string and no Serialize impl errors.
+    let text = serde_json::to_string(&wire).unwrap_or_else(|e| {
+        log::error!("encoding event {seq} of {run_id} failed: {e}");
+        String::from("{}")
+    });
+    Frame { seq, text: ByteString::from(text) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn encodes_every_field_once() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
+        let data = EventData::ToolExecuting {
+            tool_call_id: "tc_1".into(),
+            tool: "calculator".into(),
+            args: json!({"expr": "2+2"}),
+        };
+        let frame = encode(42, "run_x", Some("th_1"), at, &data);
+        let v: Value = serde_json::from_str(&frame.text).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"tool_executing","seq":42,"run_id":"run_x","thread_id":"th_1",
+                   "ts":"2023-11-14T22:13:20.123456Z",
+                   "data":{"tool_call_id":"tc_1","tool":"calculator","args":{"expr":"2+2"}}})
+        );
+    }
+
+    #[test]
+    fn null_thread_and_status_spelling() {
+        let data = EventData::AgentCompleted {
+            status: RunStatus::TimedOut,
+            result: Value::Null,
+            error: Some(ErrorBody::new("timed_out", "too slow")),
+            duration_ms: 5,
+            usage: json!({"tool_calls": 0}),
+        };
+        let frame = encode(1, "r", None, SystemTime::now(), &data);
+        let v: Value = serde_json::from_str(&frame.text).unwrap();
+        assert_eq!(v["thread_id"], Value::Null);
+        assert_eq!(v["data"]["status"], "timed_out");
+        assert_eq!(v["data"]["error"]["code"], "timed_out");
+    }
+}

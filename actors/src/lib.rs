@@ -1,0 +1,33 @@
+//! agentcast's actor system: everything between an agent doing something and a WebSocket
+//! frame leaving for the user's tabs.
+//!
+//! - [`registry::ConnectionRegistry`] sequences, keeps and routes run events per user.
+//! - [`session::Session`] is one WebSocket connection.
+//! - [`run::AgentRunActor`] is one run of an [`agent::Agent`]; tools run in supervised
+//!   [`executor::ToolExecutor`]s.
+//! - [`router::Router`] is the seam the edges use to reach routing and replay.
+//!
+//! `docs/architecture.md` follows one event through all of them.
+
+pub mod agent;
+pub mod agents;
+pub mod builtin;
+pub mod catalog;
+pub mod emitter;
+pub mod event;
+pub mod executor;
+pub mod ids;
+pub mod ledger;
+mod panic;
+pub mod protocol;
+pub mod rate;
+pub mod registry;
+pub mod replay;
+pub mod router;
+pub mod run;
+pub mod session;
+pub mod tool;
+pub mod tools;
+
+pub use agent::{Agent, AgentError, AgentRun};
+pub use tool::{Tool, ToolCall, ToolError};

@@ -1,0 +1,170 @@
+//! The seam between the edges (sessions, agent runs, HTTP routes) and whatever routes and
+//! replays events: the messages it answers and [`Router`], the handle that carries them.
+//!
+//! Sessions and agents only ever hold a `Router` (or an `Emitter` made from one), never the
+//! registry's type. The in-process [`ConnectionRegistry`](crate::registry::ConnectionRegistry)
+//! answers these messages today; a Redis-backed registry (pub/sub for routing, Streams for
+//! replay) answers the same ones and slots in through [`Router::new`] without touching sessions
+//! or agents.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use actix::prelude::*;
+use serde_json::Value;
+
+use crate::event::{EventData, Frame};
+use crate::ids::{RunId, UserId};
+use crate::replay::Gap;
+
+/// Cuts a connection at the transport (TCP reset). Given by the HTTP layer, used when a
+/// slow consumer's grace period runs out: a stalled session cannot close itself.
+pub type ResetHandle = Arc<dyn Fn() + Send + Sync>;
+
+/// One run event from an agent or tool, for the registry to sequence and route.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Emit {
+    pub user: UserId,
+    pub run_id: RunId,
+    /// When it was emitted: the event's `ts`.
+    pub at: SystemTime,
+    pub data: EventData,
+}
+
+/// Where a resuming connection says it is.
+#[derive(Debug, Clone)]
+pub struct ResumeFrom {
+    pub after_seq: u64,
+    pub epoch: Option<String>,
+}
+
+/// A session joins its user. Answered with what `welcome` needs and, when `resume` is set,
+/// the replay; from the moment this is handled the session receives every new event.
+#[derive(Message)]
+#[rtype(result = "Connected")]
+pub struct Connect {
+    pub user: UserId,
+    /// Server-unique key of the session.
+    pub key: u64,
+    /// The session's mailbox, stored once: events go through `try_send` on it, so a full
+    /// mailbox means a slow consumer.
+    pub push: Recipient<Push>,
+    /// Set by the registry when it drops the session; the session then discards what is
+    /// still queued for it.
+    pub cut: Arc<AtomicBool>,
+    pub reset: Option<ResetHandle>,
+    pub resume: Option<ResumeFrom>,
+}
+
+#[derive(Debug)]
+pub struct Connected {
+    pub epoch: Arc<str>,
+    pub last_seq: u64,
+    /// The events in `(resume.after_seq, last_seq]`, or why they cannot be replayed.
+    pub replay: Option<Result<Vec<Frame>, Gap>>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    pub user: UserId,
+    pub key: u64,
+}
+
+/// Start a run of `agent` for `user`.
+#[derive(Message)]
+#[rtype(result = "Result<RunId, StartRefused>")]
+pub struct StartRun {
+    pub user: UserId,
+    pub agent: String,
+    pub input: Value,
+    pub thread_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartRefused {
+    UnknownAgent,
+    InvalidInput(String),
+    TooManyRuns(usize),
+    ShuttingDown,
+}
+
+/// Cancel one of `user`'s runs.
+#[derive(Message)]
+#[rtype(result = "Result<(), RunNotFound>")]
+pub struct CancelRun {
+    pub user: UserId,
+    pub run_id: String,
+}
+
+/// No such run for this user (whether or not another user has it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunNotFound;
+
+/// The user's buffered events with `after_seq < seq <= upto`.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Frame>, Gap>")]
+pub struct Replay {
+    pub user: UserId,
+    pub after_seq: u64,
+    pub upto: u64,
+    pub epoch: Option<String>,
+}
+
+/// Stop: no new runs, running runs end (cancelled), then every session is told to close.
+/// Answered once that has happened.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+/// What the registry sends a session.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub enum Push {
+    Event(Frame),
+    Close(Goodbye),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goodbye {
+    SlowConsumer,
+    ServerShutdown,
+}
+
+/// The handle to routing and replay that sessions and HTTP routes hold.
+#[derive(Clone)]
+pub struct Router {
+    pub connect: Recipient<Connect>,
+    pub disconnect: Recipient<Disconnect>,
+    pub start_run: Recipient<StartRun>,
+    pub cancel_run: Recipient<CancelRun>,
+    pub replay: Recipient<Replay>,
+    pub emit: Recipient<Emit>,
+    pub shutdown: Recipient<Shutdown>,
+}
+
+impl Router {
+    pub fn new<A>(addr: Addr<A>) -> Self
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<Connect>
+            + Handler<Disconnect>
+            + Handler<StartRun>
+            + Handler<CancelRun>
+            + Handler<Replay>
+            + Handler<Emit>
+            + Handler<Shutdown>,
+    {
+        Router {
+            connect: addr.clone().recipient(),
+            disconnect: addr.clone().recipient(),
+            start_run: addr.clone().recipient(),
+            cancel_run: addr.clone().recipient(),
+            replay: addr.clone().recipient(),
+            emit: addr.clone().recipient(),
+            shutdown: addr.recipient(),
+        }
+    }
+}

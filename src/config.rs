@@ -1,0 +1,183 @@
+//! The server's settings: every one is a `serve` flag and an `AGENTCAST_*` environment
+//! variable of the same name (PROTOCOL.md §9). `Config::default()` is what `agentcast serve`
+//! runs with when nothing is set, so tests and the binary share one set of defaults.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// The secret used when none is configured. Dev mode only: the server then refuses to bind
+/// anything but a loopback address, so tokens signed with this well-known value cannot reach
+/// a network.
+pub const DEV_SECRET: &str = "agentcast-dev-mode-secret-do-not-use-in-production";
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "AGENTCAST_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: String,
+
+    /// HS256 secret that signs user tokens. Without it the server runs in dev mode:
+    /// loopback only, a well-known secret, and `POST /v1/dev/token` hands out tokens.
+    #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// A run still going after this long ends with status `timed_out`.
+    #[arg(long, env = "AGENTCAST_RUN_TIMEOUT_MS", default_value_t = 300_000)]
+    pub run_timeout_ms: u64,
+
+    /// Runs one user may have running at once.
+    #[arg(long, env = "AGENTCAST_MAX_RUNS_PER_USER", default_value_t = 16)]
+    pub max_runs_per_user: usize,
+
+    /// Run events kept per user for resume.
+    #[arg(long, env = "AGENTCAST_REPLAY_CAPACITY", default_value_t = 10_000)]
+    pub replay_capacity: usize,
+
+    /// Oldest event kept for resume; a user with no connection and no run is forgotten
+    /// after this.
+    #[arg(long, env = "AGENTCAST_REPLAY_TTL_SECS", default_value_t = 600)]
+    pub replay_ttl_secs: u64,
+
+    /// Frames queued per connection before it counts as a slow consumer.
+    #[arg(long, env = "AGENTCAST_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+
+    /// How long a slow consumer has to read its close frame before its TCP connection is reset.
+    #[arg(long, env = "AGENTCAST_SLOW_CONSUMER_GRACE_MS", default_value_t = 5_000)]
+    pub slow_consumer_grace_ms: u64,
+
+    /// Largest frame (or fragmented message) a client may send.
+    #[arg(long, env = "AGENTCAST_MAX_FRAME_BYTES", default_value_t = 65_536)]
+    pub max_frame_bytes: usize,
+
+    /// Redis for routing and replay across machines. Not built yet: setting it is refused.
+    #[arg(long, env = "AGENTCAST_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Interval of server pings and `heartbeat` frames.
+    #[arg(long, env = "AGENTCAST_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
+    pub heartbeat_interval_ms: u64,
+
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    #[arg(long, env = "AGENTCAST_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+
+    /// HTTP worker threads (each runs its share of the WebSocket sessions); 0 means one per core.
+    #[arg(long, env = "AGENTCAST_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+
+    /// Connections the server accepts at once, over all workers.
+    #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: "127.0.0.1:8080".into(),
+            jwt_secret: None,
+            run_timeout_ms: 300_000,
+            max_runs_per_user: 16,
+            replay_capacity: 10_000,
+            replay_ttl_secs: 600,
+            outbound_queue: 1024,
+            slow_consumer_grace_ms: 5_000,
+            max_frame_bytes: 65_536,
+            redis_url: None,
+            heartbeat_interval_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            workers: 0,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// What is wrong with a configuration; the server refuses to start with any of these.
+#[derive(Debug)]
+pub enum ConfigError {
+    BadBind(String),
+    DevModeNotLoopback(SocketAddr),
+    EmptySecret,
+    RedisNotAvailable,
+    Zero(&'static str),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::BadBind(s) => write!(f, "--bind {s:?} is not an address like 127.0.0.1:8080"),
+            ConfigError::DevModeNotLoopback(a) => write!(
+                f,
+                "no --jwt-secret: dev mode serves loopback only, and {a} is not loopback; \
+                 set AGENTCAST_JWT_SECRET or bind 127.0.0.1"
+            ),
+            ConfigError::EmptySecret => write!(f, "--jwt-secret is empty"),
+            ConfigError::RedisNotAvailable => write!(
+                f,
+                "--redis-url is not supported by this build yet: leave it unset for in-process routing and replay"
+            ),
+            ConfigError::Zero(name) => write!(f, "--{name} must be greater than 0"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Checks the settings together and resolves the listen address.
+    pub fn validate(&self) -> Result<SocketAddr, ConfigError> {
+        let addr: SocketAddr = self
+            .bind
+            .parse()
+            .map_err(|_| ConfigError::BadBind(self.bind.clone()))?;
+        match &self.jwt_secret {
+            Some(s) if s.is_empty() => return Err(ConfigError::EmptySecret),
+            Some(_) => {}
+            None if !addr.ip().is_loopback() => return Err(ConfigError::DevModeNotLoopback(addr)),
+            None => {}
+        }
+        if self.redis_url.is_some() {
+            return Err(ConfigError::RedisNotAvailable);
+        }
+        for (name, v) in [
+            ("run-timeout-ms", self.run_timeout_ms),
+            ("max-runs-per-user", self.max_runs_per_user as u64),
+            ("replay-capacity", self.replay_capacity as u64),
+            ("replay-ttl-secs", self.replay_ttl_secs),
+            ("outbound-queue", self.outbound_queue as u64),
+            ("max-frame-bytes", self.max_frame_bytes as u64),
+            ("heartbeat-interval-ms", self.heartbeat_interval_ms),
+            ("idle-timeout-ms", self.idle_timeout_ms),
+            ("max-connections", self.max_connections as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        Ok(addr)
+    }
+
+    /// True when no secret is configured.
+    pub fn dev_mode(&self) -> bool {
+        self.jwt_secret.is_none()
+    }
+
+    /// The secret tokens are signed and checked with.
+    pub fn secret(&self) -> &str {
+        self.jwt_secret.as_deref().unwrap_or(DEV_SECRET)
+    }
+
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+
+    pub fn run_timeout(&self) -> Duration {
+        Duration::from_millis(self.run_timeout_ms)
+    }
+}

@@ -1,0 +1,71 @@
+//! The `agentcast` command: `serve` (the default) and `token`.
+
+use std::process::ExitCode;
+
+use agentcast::{auth, config::DEV_SECRET, Config};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "agentcast", version, about = "Streams what AI agents do, live, to the people chatting with them")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no subcommand: `serve` with these settings.
+    #[command(flatten)]
+    serve: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve(Config),
+    /// Print a token for USER signed with the configured secret.
+    Token {
+        /// The user id (the token's `sub`).
+        user: String,
+        /// How long the token is valid.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Token { user, ttl_secs, jwt_secret }) => {
+            if !auth::valid_user_id(&user) {
+                eprintln!("agentcast: USER must be 1 to 128 printable characters");
+                return ExitCode::from(2);
+            }
+            let secret = jwt_secret.unwrap_or_else(|| {
+                eprintln!("agentcast: no --jwt-secret; this token only works on a dev-mode server");
+                DEV_SECRET.to_string()
+            });
+            println!("{}", auth::sign(&secret, &user, auth::now_unix() + ttl_secs));
+            ExitCode::SUCCESS
+        }
+        Some(Command::Serve(config)) => run(config),
+        None => run(cli.serve),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    // Panics in agents and tools are caught and reported as events; this puts the details in
+    // the log instead of on bare stderr.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        log::error!("panic in thread {}: {info}", thread.name().unwrap_or("?"));
+    }));
+    match agentcast::serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("agentcast: {e}");
+            eprintln!("agentcast: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

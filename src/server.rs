@@ -1,0 +1,228 @@
+//! Putting the server together: the arbiters (agent runs and tools each get their own
+//! thread, so no agent or tool can stall a socket), the catalog, the registry, the HTTP
+//! workers, and the orderly stop (runs end, sessions close with 1001, then the listener).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::{web, App, HttpServer};
+use agentcast_actors::builtin;
+use agentcast_actors::registry::{ConnectionRegistry, RegistrySettings};
+use agentcast_actors::router::{Router, Shutdown};
+use agentcast_actors::session::SessionSettings;
+
+use crate::config::Config;
+use crate::routes::{self, AppState};
+use crate::{auth, socket};
+
+/// Commands one connection may send per second, and in a burst.
+const COMMANDS_PER_SEC: u32 = 50;
+const COMMAND_BURST: u32 = 100;
+
+/// A server that is bound and serving, not yet stopped.
+pub struct Started {
+    addrs: Vec<SocketAddr>,
+    server: actix_web::dev::Server,
+    router: Router,
+    arbiters: Vec<Arbiter>,
+}
+
+/// Builds and binds the server. Must run inside an actix `System`.
+pub async fn start(config: Config) -> io::Result<Started> {
+    let bind = config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    if config.dev_mode() {
+        log::warn!(
+            "DEV MODE: no --jwt-secret, tokens are signed with a well-known secret and \
+             POST /v1/dev/token hands them out to anyone. Serving loopback only. \
+             Set AGENTCAST_JWT_SECRET for anything else."
+        );
+    }
+    let agents = Arbiter::new();
+    let tools = Arbiter::new();
+    let catalog = Arc::new(builtin::catalog().start(&tools.handle()));
+    let registry = ConnectionRegistry::new(
+        RegistrySettings {
+            replay_capacity: config.replay_capacity,
+            replay_ttl: Duration::from_secs(config.replay_ttl_secs),
+            max_runs_per_user: config.max_runs_per_user,
+            run_timeout: config.run_timeout(),
+            slow_consumer_grace: Duration::from_millis(config.slow_consumer_grace_ms),
+            shutdown_wait: Duration::from_secs(10),
+        },
+        catalog,
+        agents.handle(),
+    )
+    .start();
+    let router = Router::new(registry);
+    let state = web::Data::new(AppState {
+        router: router.clone(),
+        sessions: SessionSettings {
+            heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+            outbound_queue: config.outbound_queue,
+            max_frame_bytes: config.max_frame_bytes,
+            commands_per_sec: COMMANDS_PER_SEC,
+            command_burst: COMMAND_BURST,
+        },
+        secret: config.secret().to_string(),
+    });
+    let dev_mode = config.dev_mode();
+    let workers = config.worker_count();
+    let server = HttpServer::new(move || {
+        App::new().app_data(state.clone()).configure(|cfg| routes::configure(cfg, dev_mode))
+    })
+    .workers(workers)
+    .max_connections((config.max_connections / workers).max(1))
+    .on_connect(socket::on_connect)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .bind(bind)?;
+    let addrs = server.addrs();
+    log::info!(
+        "agentcast listening on {addrs:?}: {workers} workers, run timeout {} ms, {} runs per user, \
+         replay {} events / {} s, outbound queue {}, heartbeat {} ms, idle timeout {} ms",
+        config.run_timeout_ms,
+        config.max_runs_per_user,
+        config.replay_capacity,
+        config.replay_ttl_secs,
+        config.outbound_queue,
+        config.heartbeat_interval_ms,
+        config.idle_timeout_ms,
+    );
+    Ok(Started { addrs, server: server.run(), router, arbiters: vec![agents, tools] })
+}
+
+impl Started {
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Serves until `stop` resolves, then stops in order: running runs end with
+    /// `agent_completed`, every connection gets what was queued for it and close 1001, and
+    /// the listener shuts.
+    pub async fn run_until(self, stop: impl Future<Output = ()> + 'static) -> io::Result<()> {
+        let handle = self.server.handle();
+        let router = self.router;
+        actix_web::rt::spawn(async move {
+            stop.await;
+            log::info!("stopping: ending running runs");
+            if router.shutdown.send(Shutdown).await.is_err() {
+                log::error!("the registry was gone before shutdown");
+            }
+            handle.stop(true).await;
+        });
+        let result = self.server.await;
+        for arbiter in self.arbiters {
+            arbiter.stop();
+            let _ = arbiter.join();
+        }
+        log::info!("stopped");
+        result
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn termination() {
+    use actix_web::rt::signal;
+    match signal::unix::signal(signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            log::warn!("cannot watch SIGTERM ({e}); stopping on Ctrl-C only");
+            let _ = signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Runs the server in this thread until SIGINT or SIGTERM.
+pub fn serve(config: Config) -> io::Result<()> {
+    actix::System::new().block_on(async move { start(config).await?.run_until(termination()).await })
+}
+
+/// A server on its own thread, for tests and embedding.
+pub struct RunningServer {
+    addr: SocketAddr,
+    secret: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts a server on a thread of its own and returns once it is listening.
+pub fn spawn(config: Config) -> io::Result<RunningServer> {
+    config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let secret = config.secret().to_string();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new().name("agentcast-server".into()).spawn(move || {
+        actix::System::new().block_on(async move {
+            match start(config).await {
+                Ok(started) => {
+                    let _ = ready_tx.send(Ok(started.addrs()[0]));
+                    if let Err(e) = started
+                        .run_until(async move {
+                            let _ = stop_rx.await;
+                        })
+                        .await
+                    {
+                        log::error!("server ended with {e}");
+                    }
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })
+    })?;
+    match ready_rx.recv() {
+        Ok(Ok(addr)) => Ok(RunningServer { addr, secret, stop: Some(stop_tx), thread: Some(thread) }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err(io::Error::other("the server thread ended before listening")),
+    }
+}
+
+impl RunningServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `ws://ADDR/v1/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// A token for `user`, valid for an hour.
+    pub fn token(&self, user: &str) -> String {
+        auth::sign(&self.secret, user, auth::now_unix() + 3600)
+    }
+
+    /// Stops in order (see [`Started::run_until`]) and waits for the server thread.
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
