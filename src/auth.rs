@@ -37,15 +37,25 @@ impl std::fmt::Display for AuthError {
 }
 
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Signs a token for `sub` that expires at `exp_unix_secs`.
 pub fn sign(secret: &str, sub: &str, exp_unix_secs: u64) -> String {
-    let claims = Claims { sub: sub.to_string(), exp: exp_unix_secs };
+    let claims = Claims {
+        sub: sub.to_string(),
+        exp: exp_unix_secs,
+    };
     // HMAC signing of a plain struct has no failure mode.
-    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
-        .unwrap_or_default()
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap_or_default()
 }
 
 /// A user id is 1 to 128 printable characters.
@@ -59,11 +69,15 @@ pub fn verify(secret: &str, token: &str) -> Result<String, AuthError> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 0;
     validation.set_required_spec_claims(&["exp", "sub"]);
-    let data = decode::<Claims>(token, &DecodingKey::from_secret(secret.as_bytes()), &validation)
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-            _ => AuthError::Invalid,
-        })?;
+    let data = decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .map_err(|e| match e.kind() {
+        jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+        _ => AuthError::Invalid,
+    })?;
     if !valid_user_id(&data.claims.sub) {
         return Err(AuthError::BadSubject);
     }
@@ -75,7 +89,9 @@ pub fn token_of(req: &HttpRequest, query_token: Option<&str>) -> Option<String> 
     if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
         let h = h.to_str().ok()?;
         let (scheme, token) = h.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string());
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
     }
     query_token.map(str::to_string)
 }
@@ -90,10 +106,22 @@ mod tests {
         assert_eq!(verify("s", &t), Ok("alice".into()));
         assert_eq!(verify("other", &t), Err(AuthError::Invalid));
         assert_eq!(verify("s", "not.a.jwt"), Err(AuthError::Invalid));
-        assert_eq!(verify("s", &sign("s", "alice", now_unix() - 1)), Err(AuthError::Expired));
-        assert_eq!(verify("s", &sign("s", "", now_unix() + 60)), Err(AuthError::BadSubject));
-        assert_eq!(verify("s", &sign("s", &"x".repeat(129), now_unix() + 60)), Err(AuthError::BadSubject));
-        assert_eq!(verify("s", &sign("s", "a\u{7}b", now_unix() + 60)), Err(AuthError::BadSubject));
+        assert_eq!(
+            verify("s", &sign("s", "alice", now_unix() - 1)),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            verify("s", &sign("s", "", now_unix() + 60)),
+            Err(AuthError::BadSubject)
+        );
+        assert_eq!(
+            verify("s", &sign("s", &"x".repeat(129), now_unix() + 60)),
+            Err(AuthError::BadSubject)
+        );
+        assert_eq!(
+            verify("s", &sign("s", "a\u{7}b", now_unix() + 60)),
+            Err(AuthError::BadSubject)
+        );
         assert!(verify("s", &sign("s", &"é".repeat(128), now_unix() + 60)).is_ok());
     }
 
@@ -103,7 +131,12 @@ mod tests {
         struct NoExp {
             sub: String,
         }
-        let t = encode(&Header::new(Algorithm::HS256), &NoExp { sub: "a".into() }, &EncodingKey::from_secret(b"s")).unwrap();
+        let t = encode(
+            &Header::new(Algorithm::HS256),
+            &NoExp { sub: "a".into() },
+            &EncodingKey::from_secret(b"s"),
+        )
+        .unwrap();
         assert_eq!(verify("s", &t), Err(AuthError::Invalid));
         // {"alg":"none"} with an empty signature.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.";

@@ -45,7 +45,11 @@ pub struct Config {
     pub outbound_queue: usize,
 
     /// How long a slow consumer has to read its close frame before its TCP connection is reset.
-    #[arg(long, env = "AGENTCAST_SLOW_CONSUMER_GRACE_MS", default_value_t = 5_000)]
+    #[arg(
+        long,
+        env = "AGENTCAST_SLOW_CONSUMER_GRACE_MS",
+        default_value_t = 5_000
+    )]
     pub slow_consumer_grace_ms: u64,
 
     /// Largest frame (or fragmented message) a client may send.
@@ -57,7 +61,11 @@ pub struct Config {
     pub redis_url: Option<String>,
 
     /// Interval of server pings and `heartbeat` frames.
-    #[arg(long, env = "AGENTCAST_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "AGENTCAST_HEARTBEAT_INTERVAL_MS",
+        default_value_t = 10_000
+    )]
     pub heartbeat_interval_ms: u64,
 
     /// A connection that sends nothing (not even a pong) for this long is closed.

@@ -6,7 +6,11 @@ use agentcast::{auth, config::DEV_SECRET, Config};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "agentcast", version, about = "Streams what AI agents do, live, to the people chatting with them")]
+#[command(
+    name = "agentcast",
+    version,
+    about = "Streams what AI agents do, live, to the people chatting with them"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -36,7 +40,11 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Token { user, ttl_secs, jwt_secret }) => {
+        Some(Command::Token {
+            user,
+            ttl_secs,
+            jwt_secret,
+        }) => {
             if !auth::valid_user_id(&user) {
                 eprintln!("agentcast: USER must be 1 to 128 printable characters");
                 return ExitCode::from(2);
@@ -45,7 +53,10 @@ fn main() -> ExitCode {
                 eprintln!("agentcast: no --jwt-secret; this token only works on a dev-mode server");
                 DEV_SECRET.to_string()
             });
-            println!("{}", auth::sign(&secret, &user, auth::now_unix() + ttl_secs));
+            println!(
+                "{}",
+                auth::sign(&secret, &user, auth::now_unix() + ttl_secs)
+            );
             ExitCode::SUCCESS
         }
         Some(Command::Serve(config)) => run(config),

@@ -18,7 +18,8 @@ pub struct AppState {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig, dev_mode: bool) {
-    cfg.route("/healthz", web::get().to(healthz)).route("/v1/ws", web::get().to(websocket));
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/v1/ws", web::get().to(websocket));
     if dev_mode {
         cfg.route("/v1/dev/token", web::post().to(dev_token));
     }
@@ -56,7 +57,13 @@ async fn websocket(
 ) -> Result<HttpResponse, actix_web::Error> {
     let query = match web::Query::<WsQuery>::from_query(req.query_string()) {
         Ok(q) => q.into_inner(),
-        Err(e) => return Ok(error(StatusCode::BAD_REQUEST, "invalid_field", &format!("bad query string: {e}"))),
+        Err(e) => {
+            return Ok(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                &format!("bad query string: {e}"),
+            ))
+        }
     };
     let Some(token) = auth::token_of(&req, query.token.as_deref()) else {
         return Ok(unauthorized(AuthError::Missing));
@@ -71,7 +78,11 @@ async fn websocket(
     let resume = match (query.after_seq, query.epoch) {
         (None, None) => None,
         (None, Some(_)) => {
-            return Ok(error(StatusCode::BAD_REQUEST, "invalid_field", "epoch needs after_seq"));
+            return Ok(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "epoch needs after_seq",
+            ));
         }
         (Some(after), epoch) => match after.parse::<u64>() {
             Ok(after_seq) => Some(ResumeFrom { after_seq, epoch }),
@@ -85,7 +96,14 @@ async fn websocket(
         },
     };
     let reset = req.conn_data::<ConnSocket>().map(ConnSocket::reset_handle);
-    Session::new(user.into(), state.router.clone(), state.sessions.clone(), resume, reset).start(&req, stream)
+    Session::new(
+        user.into(),
+        state.router.clone(),
+        state.sessions.clone(),
+        resume,
+        reset,
+    )
+    .start(&req, stream)
 }
 
 #[derive(Deserialize)]
@@ -96,10 +114,18 @@ struct DevTokenRequest {
 /// Dev mode only: a token for any user, valid for a day.
 async fn dev_token(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let Ok(ask) = serde_json::from_slice::<DevTokenRequest>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "bad_json", "body must be {\"user\":\"...\"}");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "body must be {\"user\":\"...\"}",
+        );
     };
     if !auth::valid_user_id(&ask.user) {
-        return error(StatusCode::BAD_REQUEST, "invalid_field", "user must be 1 to 128 printable characters");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "user must be 1 to 128 printable characters",
+        );
     }
     let token = auth::sign(&state.secret, &ask.user, auth::now_unix() + 86_400);
     HttpResponse::Ok().json(json!({ "token": token }))

@@ -33,7 +33,9 @@ pub struct Started {
 
 /// Builds and binds the server. Must run inside an actix `System`.
 pub async fn start(config: Config) -> io::Result<Started> {
-    let bind = config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let bind = config
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     if config.dev_mode() {
         log::warn!(
             "DEV MODE: no --jwt-secret, tokens are signed with a well-known secret and \
@@ -73,7 +75,9 @@ pub async fn start(config: Config) -> io::Result<Started> {
     let dev_mode = config.dev_mode();
     let workers = config.worker_count();
     let server = HttpServer::new(move || {
-        App::new().app_data(state.clone()).configure(|cfg| routes::configure(cfg, dev_mode))
+        App::new()
+            .app_data(state.clone())
+            .configure(|cfg| routes::configure(cfg, dev_mode))
     })
     .workers(workers)
     .max_connections((config.max_connections / workers).max(1))
@@ -93,7 +97,12 @@ pub async fn start(config: Config) -> io::Result<Started> {
         config.heartbeat_interval_ms,
         config.idle_timeout_ms,
     );
-    Ok(Started { addrs, server: server.run(), router, arbiters: vec![agents, tools] })
+    Ok(Started {
+        addrs,
+        server: server.run(),
+        router,
+        arbiters: vec![agents, tools],
+    })
 }
 
 impl Started {
@@ -144,7 +153,8 @@ pub async fn termination() {
 
 /// Runs the server in this thread until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> io::Result<()> {
-    actix::System::new().block_on(async move { start(config).await?.run_until(termination()).await })
+    actix::System::new()
+        .block_on(async move { start(config).await?.run_until(termination()).await })
 }
 
 /// A server on its own thread, for tests and embedding.
@@ -157,32 +167,41 @@ pub struct RunningServer {
 
 /// Starts a server on a thread of its own and returns once it is listening.
 pub fn spawn(config: Config) -> io::Result<RunningServer> {
-    config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let secret = config.secret().to_string();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new().name("agentcast-server".into()).spawn(move || {
-        actix::System::new().block_on(async move {
-            match start(config).await {
-                Ok(started) => {
-                    let _ = ready_tx.send(Ok(started.addrs()[0]));
-                    if let Err(e) = started
-                        .run_until(async move {
-                            let _ = stop_rx.await;
-                        })
-                        .await
-                    {
-                        log::error!("server ended with {e}");
+    let thread = std::thread::Builder::new()
+        .name("agentcast-server".into())
+        .spawn(move || {
+            actix::System::new().block_on(async move {
+                match start(config).await {
+                    Ok(started) => {
+                        let _ = ready_tx.send(Ok(started.addrs()[0]));
+                        if let Err(e) = started
+                            .run_until(async move {
+                                let _ = stop_rx.await;
+                            })
+                            .await
+                        {
+                            log::error!("server ended with {e}");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
                     }
                 }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            }
-        })
-    })?;
+            })
+        })?;
     match ready_rx.recv() {
-        Ok(Ok(addr)) => Ok(RunningServer { addr, secret, stop: Some(stop_tx), thread: Some(thread) }),
+        Ok(Ok(addr)) => Ok(RunningServer {
+            addr,
+            secret,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }),
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)

@@ -28,7 +28,10 @@ pub struct AgentError {
 impl AgentError {
     /// The usual failure: code `agent_failed`.
     pub fn failed(message: impl Into<String>) -> Self {
-        AgentError { code: "agent_failed".into(), message: message.into() }
+        AgentError {
+            code: "agent_failed".into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -59,7 +62,11 @@ pub struct AgentRun {
 
 impl AgentRun {
     pub(crate) fn new(emitter: Emitter, tools: Arc<Toolbox>, calls: Arc<AtomicU64>) -> Self {
-        AgentRun { emitter, tools, calls }
+        AgentRun {
+            emitter,
+            tools,
+            calls,
+        }
     }
 
     pub fn run_id(&self) -> &str {
@@ -72,25 +79,39 @@ impl AgentRun {
 
     /// Emits `agent_thinking`.
     pub async fn think(&self, text: impl Into<String>) {
-        self.emitter.emit(EventData::AgentThinking { text: text.into() }).await
+        self.emitter
+            .emit(EventData::AgentThinking { text: text.into() })
+            .await
     }
 
     /// Emits `partial_result`: a streamed piece of the answer.
     pub async fn partial(&self, text: impl Into<String>) {
-        self.emitter.emit(EventData::PartialResult { text: text.into() }).await
+        self.emitter
+            .emit(EventData::PartialResult { text: text.into() })
+            .await
     }
 
     /// Calls a tool. Its executor emits `tool_executing`, any `tool_progress` and
     /// `tool_completed`; a failing or panicking tool comes back as `Err`, and the run goes on.
     pub async fn tool(&self, name: &str, args: Value) -> Result<Value, ToolError> {
         let Some(executor) = self.tools.executor(name) else {
-            return Err(ToolError::new("unknown_tool", format!("no tool named {name:?}")));
+            return Err(ToolError::new(
+                "unknown_tool",
+                format!("no tool named {name:?}"),
+            ));
         };
         let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        let call = Execute { call_id: format!("tc_{n}"), args, emitter: self.emitter.clone() };
+        let call = Execute {
+            call_id: format!("tc_{n}"),
+            args,
+            emitter: self.emitter.clone(),
+        };
         match executor.send(call).await {
             Ok(result) => result,
-            Err(_) => Err(ToolError::new("tool_failed", format!("the {name} executor is not running"))),
+            Err(_) => Err(ToolError::new(
+                "tool_failed",
+                format!("the {name} executor is not running"),
+            )),
         }
     }
 }

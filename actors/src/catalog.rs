@@ -79,7 +79,8 @@ impl CatalogBuilder {
         T: Tool,
         F: Fn() -> T + Send + Sync + 'static,
     {
-        self.tools.push(Arc::new(move || Arc::new(make()) as Arc<dyn Tool>));
+        self.tools
+            .push(Arc::new(move || Arc::new(make()) as Arc<dyn Tool>));
         self
     }
 
@@ -90,11 +91,21 @@ impl CatalogBuilder {
             .into_iter()
             .map(|make| {
                 let probe = make();
-                let executor = Supervisor::start_in_arbiter(arbiter, move |_| ToolExecutor::new(make));
-                (probe.name(), ToolEntry { description: probe.description(), executor })
+                let executor =
+                    Supervisor::start_in_arbiter(arbiter, move |_| ToolExecutor::new(make));
+                (
+                    probe.name(),
+                    ToolEntry {
+                        description: probe.description(),
+                        executor,
+                    },
+                )
             })
             .collect();
         let agents = self.agents.into_iter().map(|a| (a.name(), a)).collect();
-        Catalog { agents, tools: Arc::new(Toolbox { tools }) }
+        Catalog {
+            agents,
+            tools: Arc::new(Toolbox { tools }),
+        }
     }
 }

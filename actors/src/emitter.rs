@@ -31,7 +31,12 @@ impl Emitter {
     }
 
     fn message(&self, data: EventData) -> Emit {
-        Emit { user: self.user.clone(), run_id: self.run_id.clone(), at: SystemTime::now(), data }
+        Emit {
+            user: self.user.clone(),
+            run_id: self.run_id.clone(),
+            at: SystemTime::now(),
+            data,
+        }
     }
 
     /// Emits an event, waiting while the registry's mailbox is full: a fast agent is slowed
@@ -44,7 +49,9 @@ impl Emitter {
                     log::warn!("run {}: event router gone, event dropped", self.run_id);
                 }
             }
-            Err(SendError::Closed(_)) => log::warn!("run {}: event router gone, event dropped", self.run_id),
+            Err(SendError::Closed(_)) => {
+                log::warn!("run {}: event router gone, event dropped", self.run_id)
+            }
         }
     }
 

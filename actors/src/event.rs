@@ -19,7 +19,10 @@ pub struct ErrorBody {
 
 impl ErrorBody {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        ErrorBody { code: code.into(), message: message.into() }
+        ErrorBody {
+            code: code.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -141,7 +144,10 @@ pub fn encode(
         log::error!("encoding event {seq} of {run_id} failed: {e}");
         String::from("{}")
     });
-    Frame { seq, text: ByteString::from(text) }
+    Frame {
+        seq,
+        text: ByteString::from(text),
+    }
 }
 
 #[cfg(test)]

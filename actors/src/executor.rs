@@ -30,7 +30,11 @@ pub struct ToolExecutor {
 impl ToolExecutor {
     pub fn new(make: ToolFactory) -> Self {
         let tool = make();
-        ToolExecutor { make, tool, restarts: 0 }
+        ToolExecutor {
+            make,
+            tool,
+            restarts: 0,
+        }
     }
 }
 
@@ -42,7 +46,11 @@ impl Supervised for ToolExecutor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         self.restarts += 1;
         self.tool = (self.make)();
-        log::warn!("tool {} restarted after a panic ({} restarts)", self.tool.name(), self.restarts);
+        log::warn!(
+            "tool {} restarted after a panic ({} restarts)",
+            self.tool.name(),
+            self.restarts
+        );
     }
 }
 
@@ -69,7 +77,11 @@ impl Handler<Execute> for ToolExecutor {
         // The future is spawned on this arbiter by actix, independent of the actor's own
         // lifetime: a restart does not cancel it.
         Box::pin(async move {
-            let Execute { call_id, args, emitter } = msg;
+            let Execute {
+                call_id,
+                args,
+                emitter,
+            } = msg;
             let name = tool.name();
             let started = Instant::now();
             emitter
@@ -86,7 +98,10 @@ impl Handler<Execute> for ToolExecutor {
                     let what = crate::panic::message(payload.as_ref());
                     log::error!("run {}: tool {name} panicked: {what}", emitter.run_id());
                     me.do_send(Poisoned);
-                    Err(ToolError::new("tool_panicked", format!("the {name} tool panicked: {what}")))
+                    Err(ToolError::new(
+                        "tool_panicked",
+                        format!("the {name} tool panicked: {what}"),
+                    ))
                 }
             };
             let (ok, value, error) = match &result {

@@ -53,11 +53,14 @@ impl RunLedger {
             return Err(Refused::NotStarted);
         }
         match data {
-            EventData::ToolExecuting { tool_call_id, tool, .. } => {
+            EventData::ToolExecuting {
+                tool_call_id, tool, ..
+            } => {
                 if self.open_calls.iter().any(|(id, _, _)| id == tool_call_id) {
                     return Err(Refused::DuplicateCall);
                 }
-                self.open_calls.push((tool_call_id.clone(), tool.clone(), now));
+                self.open_calls
+                    .push((tool_call_id.clone(), tool.clone(), now));
             }
             EventData::ToolProgress { tool_call_id, .. } => {
                 if !self.open_calls.iter().any(|(id, _, _)| id == tool_call_id) {
@@ -65,7 +68,10 @@ impl RunLedger {
                 }
             }
             EventData::ToolCompleted { tool_call_id, .. } => {
-                let pos = self.open_calls.iter().position(|(id, _, _)| id == tool_call_id);
+                let pos = self
+                    .open_calls
+                    .iter()
+                    .position(|(id, _, _)| id == tool_call_id);
                 match pos {
                     Some(i) => {
                         self.open_calls.remove(i);
@@ -78,7 +84,9 @@ impl RunLedger {
                 let code = match (status, error) {
                     (RunStatus::TimedOut, _) => "timed_out".to_string(),
                     (RunStatus::Cancelled, Some(e)) => e.code.clone(),
-                    (RunStatus::Cancelled, None) | (RunStatus::Succeeded, _) => "cancelled".to_string(),
+                    (RunStatus::Cancelled, None) | (RunStatus::Succeeded, _) => {
+                        "cancelled".to_string()
+                    }
                     (RunStatus::Failed, Some(e)) => e.code.clone(),
                     (RunStatus::Failed, None) => "agent_failed".to_string(),
                 };
@@ -92,13 +100,18 @@ impl RunLedger {
                         result: Value::Null,
                         error: Some(ErrorBody::new(
                             code.clone(),
-                            format!("the run ended ({}) before the tool call finished", status.as_str()),
+                            format!(
+                                "the run ended ({}) before the tool call finished",
+                                status.as_str()
+                            ),
                         )),
                         duration_ms: now.saturating_duration_since(since).as_millis() as u64,
                     })
                     .collect());
             }
-            EventData::AgentStarted { .. } | EventData::AgentThinking { .. } | EventData::PartialResult { .. } => {}
+            EventData::AgentStarted { .. }
+            | EventData::AgentThinking { .. }
+            | EventData::PartialResult { .. } => {}
         }
         Ok(Vec::new())
     }
@@ -110,16 +123,28 @@ mod tests {
     use serde_json::json;
 
     fn started() -> EventData {
-        EventData::AgentStarted { agent: "a".into(), input: json!(null) }
+        EventData::AgentStarted {
+            agent: "a".into(),
+            input: json!(null),
+        }
     }
     fn think() -> EventData {
         EventData::AgentThinking { text: "t".into() }
     }
     fn exec(id: &str) -> EventData {
-        EventData::ToolExecuting { tool_call_id: id.into(), tool: "sleep".into(), args: json!({}) }
+        EventData::ToolExecuting {
+            tool_call_id: id.into(),
+            tool: "sleep".into(),
+            args: json!({}),
+        }
     }
     fn progress(id: &str) -> EventData {
-        EventData::ToolProgress { tool_call_id: id.into(), tool: "sleep".into(), message: "m".into(), fraction: None }
+        EventData::ToolProgress {
+            tool_call_id: id.into(),
+            tool: "sleep".into(),
+            message: "m".into(),
+            fraction: None,
+        }
     }
     fn done(id: &str) -> EventData {
         EventData::ToolCompleted {
@@ -132,14 +157,26 @@ mod tests {
         }
     }
     fn end(status: RunStatus, error: Option<ErrorBody>) -> EventData {
-        EventData::AgentCompleted { status, result: json!(null), error, duration_ms: 1, usage: json!({}) }
+        EventData::AgentCompleted {
+            status,
+            result: json!(null),
+            error,
+            duration_ms: 1,
+            usage: json!({}),
+        }
     }
 
     #[test]
     fn a_well_formed_run_passes() {
         let mut l = RunLedger::default();
         let now = Instant::now();
-        for e in [started(), think(), exec("tc_1"), progress("tc_1"), done("tc_1")] {
+        for e in [
+            started(),
+            think(),
+            exec("tc_1"),
+            progress("tc_1"),
+            done("tc_1"),
+        ] {
             assert_eq!(l.admit(&e, now), Ok(vec![]));
         }
         assert_eq!(l.admit(&end(RunStatus::Succeeded, None), now), Ok(vec![]));
@@ -168,11 +205,24 @@ mod tests {
         l.admit(&started(), now).unwrap();
         l.admit(&exec("tc_1"), now).unwrap();
         l.admit(&exec("tc_2"), now).unwrap();
-        let closing = l.admit(&end(RunStatus::Cancelled, Some(ErrorBody::new("shutdown", "bye"))), now).unwrap();
+        let closing = l
+            .admit(
+                &end(
+                    RunStatus::Cancelled,
+                    Some(ErrorBody::new("shutdown", "bye")),
+                ),
+                now,
+            )
+            .unwrap();
         assert_eq!(closing.len(), 2);
         for (e, id) in closing.iter().zip(["tc_1", "tc_2"]) {
             match e {
-                EventData::ToolCompleted { tool_call_id, ok, error, .. } => {
+                EventData::ToolCompleted {
+                    tool_call_id,
+                    ok,
+                    error,
+                    ..
+                } => {
                     assert_eq!(tool_call_id, id);
                     assert!(!ok);
                     assert_eq!(error.as_ref().unwrap().code, "shutdown");
@@ -182,7 +232,10 @@ mod tests {
         }
         assert_eq!(l.admit(&done("tc_1"), now), Err(Refused::Completed));
         assert_eq!(l.admit(&think(), now), Err(Refused::Completed));
-        assert_eq!(l.admit(&end(RunStatus::Succeeded, None), now), Err(Refused::Completed));
+        assert_eq!(
+            l.admit(&end(RunStatus::Succeeded, None), now),
+            Err(Refused::Completed)
+        );
     }
 
     #[test]
@@ -191,7 +244,14 @@ mod tests {
         let now = Instant::now();
         l.admit(&started(), now).unwrap();
         l.admit(&exec("tc_1"), now).unwrap();
-        let closing = l.admit(&end(RunStatus::TimedOut, Some(ErrorBody::new("timed_out", "x"))), now).unwrap();
-        assert!(matches!(&closing[0], EventData::ToolCompleted { error: Some(e), .. } if e.code == "timed_out"));
+        let closing = l
+            .admit(
+                &end(RunStatus::TimedOut, Some(ErrorBody::new("timed_out", "x"))),
+                now,
+            )
+            .unwrap();
+        assert!(
+            matches!(&closing[0], EventData::ToolCompleted { error: Some(e), .. } if e.code == "timed_out")
+        );
     }
 }

@@ -31,3 +31,8 @@ pub mod tools;
 
 pub use agent::{Agent, AgentError, AgentRun};
 pub use tool::{Tool, ToolCall, ToolError};
+
+/// `docs/writing-agents.md`, compiled and run as a doc test so its example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/writing-agents.md")]
+pub struct WritingAgentsGuide;

@@ -30,9 +30,18 @@ pub enum ErrorCode {
 /// What a client asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    StartRun { agent: String, input: Value, thread_id: Option<String> },
-    CancelRun { run_id: String },
-    Resume { after_seq: u64, epoch: Option<String> },
+    StartRun {
+        agent: String,
+        input: Value,
+        thread_id: Option<String>,
+    },
+    CancelRun {
+        run_id: String,
+    },
+    Resume {
+        after_seq: u64,
+        epoch: Option<String>,
+    },
     Ping,
 }
 
@@ -52,7 +61,28 @@ pub struct Refusal {
 
 impl Refusal {
     fn new(request_id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
-        Refusal { request_id, code, message: message.into() }
+        Refusal {
+            request_id,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The `request_id` of a frame, when it has a valid one: for refusing a frame without
+/// looking at the rest of it.
+pub fn request_id_of(text: &str) -> Option<String> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(obj)) => valid_request_id(&obj).ok().flatten(),
+        _ => None,
+    }
+}
+
+fn valid_request_id(obj: &Map<String, Value>) -> Result<Option<String>, ()> {
+    match obj.get("request_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.chars().count() <= MAX_REQUEST_ID => Ok(Some(s.clone())),
+        Some(_) => Err(()),
     }
 }
 
@@ -61,29 +91,35 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| Refusal::new(None, ErrorCode::BadJson, format!("not valid JSON: {e}")))?;
     let Value::Object(obj) = value else {
-        return Err(Refusal::new(None, ErrorCode::BadJson, "a frame must be a JSON object"));
+        return Err(Refusal::new(
+            None,
+            ErrorCode::BadJson,
+            "a frame must be a JSON object",
+        ));
     };
-    let request_id = match obj.get("request_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.chars().count() <= MAX_REQUEST_ID => Some(s.clone()),
-        Some(_) => {
-            return Err(Refusal::new(
-                None,
-                ErrorCode::InvalidField,
-                format!("request_id must be a string of at most {MAX_REQUEST_ID} characters"),
-            ))
-        }
-    };
+    let request_id = valid_request_id(&obj).map_err(|()| {
+        Refusal::new(
+            None,
+            ErrorCode::InvalidField,
+            format!("request_id must be a string of at most {MAX_REQUEST_ID} characters"),
+        )
+    })?;
     let refuse = |code, msg: String| Refusal::new(request_id.clone(), code, msg);
     let kind = match obj.get("type") {
         Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err(refuse(ErrorCode::InvalidField, "type must be a string".into())),
+        Some(_) => {
+            return Err(refuse(
+                ErrorCode::InvalidField,
+                "type must be a string".into(),
+            ))
+        }
         None => return Err(refuse(ErrorCode::InvalidField, "missing field type".into())),
     };
     let command = match kind {
         "ping" => Command::Ping,
         "start_run" => {
-            let agent = string_field(&obj, "agent").map_err(|m| refuse(ErrorCode::InvalidField, m))?;
+            let agent =
+                string_field(&obj, "agent").map_err(|m| refuse(ErrorCode::InvalidField, m))?;
             let input = obj
                 .get("input")
                 .cloned()
@@ -100,28 +136,49 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
                     ))
                 }
             };
-            Command::StartRun { agent, input, thread_id }
+            Command::StartRun {
+                agent,
+                input,
+                thread_id,
+            }
         }
         "cancel_run" => Command::CancelRun {
             run_id: string_field(&obj, "run_id").map_err(|m| refuse(ErrorCode::InvalidField, m))?,
         },
         "resume" => {
-            let after_seq = obj.get("after_seq").and_then(Value::as_u64).ok_or_else(|| {
-                refuse(ErrorCode::InvalidField, "after_seq must be a non-negative integer".into())
-            })?;
+            let after_seq = obj
+                .get("after_seq")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| {
+                    refuse(
+                        ErrorCode::InvalidField,
+                        "after_seq must be a non-negative integer".into(),
+                    )
+                })?;
             let epoch = match obj.get("epoch") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(s.clone()),
-                Some(_) => return Err(refuse(ErrorCode::InvalidField, "epoch must be a string".into())),
+                Some(_) => {
+                    return Err(refuse(
+                        ErrorCode::InvalidField,
+                        "epoch must be a string".into(),
+                    ))
+                }
             };
             Command::Resume { after_seq, epoch }
         }
         other => {
             let shown: String = other.chars().take(64).collect();
-            return Err(refuse(ErrorCode::UnknownType, format!("unknown frame type {shown:?}")));
+            return Err(refuse(
+                ErrorCode::UnknownType,
+                format!("unknown frame type {shown:?}"),
+            ));
         }
     };
-    Ok(ClientFrame { request_id, command })
+    Ok(ClientFrame {
+        request_id,
+        command,
+    })
 }
 
 fn string_field(obj: &Map<String, Value>, name: &str) -> Result<String, String> {
@@ -181,7 +238,11 @@ impl Control<'_> {
     }
 
     /// A plain `error` frame.
-    pub fn error<'b>(request_id: Option<&'b str>, code: ErrorCode, message: &'b str) -> Control<'b> {
+    pub fn error<'b>(
+        request_id: Option<&'b str>,
+        code: ErrorCode,
+        message: &'b str,
+    ) -> Control<'b> {
         Control::Error {
             request_id,
             code,
@@ -204,20 +265,39 @@ mod tests {
 
     #[test]
     fn parses_each_command() {
-        let f = parse_client_frame(r#"{"type":"start_run","agent":"echo","input":"hi","thread_id":"t","request_id":"r1"}"#).unwrap();
+        let f = parse_client_frame(
+            r#"{"type":"start_run","agent":"echo","input":"hi","thread_id":"t","request_id":"r1"}"#,
+        )
+        .unwrap();
         assert_eq!(f.request_id.as_deref(), Some("r1"));
         assert_eq!(
             f.command,
-            Command::StartRun { agent: "echo".into(), input: json!("hi"), thread_id: Some("t".into()) }
+            Command::StartRun {
+                agent: "echo".into(),
+                input: json!("hi"),
+                thread_id: Some("t".into())
+            }
         );
-        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#).unwrap().command, Command::Ping);
         assert_eq!(
-            parse_client_frame(r#"{"type":"resume","after_seq":7,"epoch":"e"}"#).unwrap().command,
-            Command::Resume { after_seq: 7, epoch: Some("e".into()) }
+            parse_client_frame(r#"{"type":"ping"}"#).unwrap().command,
+            Command::Ping
         );
         assert_eq!(
-            parse_client_frame(r#"{"type":"cancel_run","run_id":"run_1"}"#).unwrap().command,
-            Command::CancelRun { run_id: "run_1".into() }
+            parse_client_frame(r#"{"type":"resume","after_seq":7,"epoch":"e"}"#)
+                .unwrap()
+                .command,
+            Command::Resume {
+                after_seq: 7,
+                epoch: Some("e".into())
+            }
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"cancel_run","run_id":"run_1"}"#)
+                .unwrap()
+                .command,
+            Command::CancelRun {
+                run_id: "run_1".into()
+            }
         );
     }
 
@@ -228,16 +308,43 @@ mod tests {
         assert_eq!(code("{}"), ErrorCode::InvalidField);
         assert_eq!(code(r#"{"type":5}"#), ErrorCode::InvalidField);
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
-        assert_eq!(code(r#"{"type":"ping","request_id":7}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"type":"start_run","input":1}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"type":"start_run","agent":"echo"}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"type":"start_run","agent":"echo","input":"x","thread_id":5}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"type":"start_run","agent":"echo","input":"x","thread_id":""}"#), ErrorCode::InvalidField);
+        assert_eq!(
+            code(r#"{"type":"ping","request_id":7}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"start_run","input":1}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"start_run","agent":"echo"}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"start_run","agent":"echo","input":"x","thread_id":5}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"start_run","agent":"echo","input":"x","thread_id":""}"#),
+            ErrorCode::InvalidField
+        );
         assert_eq!(code(r#"{"type":"cancel_run"}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"type":"resume","after_seq":-1}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"type":"resume","after_seq":"3"}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"type":"resume","after_seq":1.5}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"type":"resume","after_seq":1,"epoch":3}"#), ErrorCode::InvalidField);
+        assert_eq!(
+            code(r#"{"type":"resume","after_seq":-1}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"resume","after_seq":"3"}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"resume","after_seq":1.5}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"resume","after_seq":1,"epoch":3}"#),
+            ErrorCode::InvalidField
+        );
     }
 
     #[test]
@@ -245,8 +352,15 @@ mod tests {
         let r = parse_client_frame(r#"{"type":"dance","request_id":"q"}"#).unwrap_err();
         assert_eq!(r.request_id.as_deref(), Some("q"));
         let long = "x".repeat(MAX_REQUEST_ID + 1);
-        let r = parse_client_frame(&format!(r#"{{"type":"ping","request_id":"{long}"}}"#)).unwrap_err();
+        let r =
+            parse_client_frame(&format!(r#"{{"type":"ping","request_id":"{long}"}}"#)).unwrap_err();
         assert_eq!(r.request_id, None);
+        assert_eq!(
+            request_id_of(r#"{"type":"ping","request_id":"q"}"#).as_deref(),
+            Some("q")
+        );
+        assert_eq!(request_id_of(r#"{"request_id":7}"#), None);
+        assert_eq!(request_id_of("nope"), None);
     }
 
     #[test]
@@ -254,7 +368,11 @@ mod tests {
         let v: Value = serde_json::from_str(&Control::Pong { request_id: None }.to_text()).unwrap();
         assert_eq!(v, json!({"type":"pong"}));
         let v: Value = serde_json::from_str(
-            &Control::Ack { request_id: Some("a"), run_id: Some("run_1") }.to_text(),
+            &Control::Ack {
+                request_id: Some("a"),
+                run_id: Some("run_1"),
+            }
+            .to_text(),
         )
         .unwrap();
         assert_eq!(v, json!({"type":"ack","request_id":"a","run_id":"run_1"}));

@@ -12,7 +12,12 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(burst: u32, per_sec: u32, now: Instant) -> Self {
-        TokenBucket { capacity: burst as f64, per_sec: per_sec as f64, tokens: burst as f64, last: now }
+        TokenBucket {
+            capacity: burst as f64,
+            per_sec: per_sec as f64,
+            tokens: burst as f64,
+            last: now,
+        }
     }
 
     /// Takes one token, or says how long until one is there.

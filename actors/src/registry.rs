@@ -68,7 +68,12 @@ impl UserEntry {
         }
     }
 
-    fn replay(&self, after_seq: u64, upto: u64, epoch: Option<&str>) -> Result<Vec<crate::event::Frame>, Gap> {
+    fn replay(
+        &self,
+        after_seq: u64,
+        upto: u64,
+        epoch: Option<&str>,
+    ) -> Result<Vec<crate::event::Frame>, Gap> {
         if epoch.is_some_and(|e| e != &*self.epoch) {
             return Err(self.replay.gap(self.last_seq));
         }
@@ -136,7 +141,15 @@ impl ConnectionRegistry {
     }
 
     /// Sequences, encodes, keeps and routes one event of `run_id`.
-    fn deliver(&mut self, user: &UserId, run_id: &str, thread_id: Option<&str>, at: SystemTime, data: &EventData, ctx: &mut Context<Self>) {
+    fn deliver(
+        &mut self,
+        user: &UserId,
+        run_id: &str,
+        thread_id: Option<&str>,
+        at: SystemTime,
+        data: &EventData,
+        ctx: &mut Context<Self>,
+    ) {
         let now = Instant::now();
         let Some(entry) = self.users.get_mut(user) else {
             log::error!("run {run_id}: event for unknown user {user}");
@@ -146,16 +159,18 @@ impl ConnectionRegistry {
         let frame = encode(entry.last_seq, run_id, thread_id, at, data);
         entry.replay.push(frame.clone(), now);
         let mut dropped = Vec::new();
-        entry.sessions.retain(|s| match s.push.try_send(Push::Event(frame.clone())) {
-            Ok(()) => true,
-            Err(SendError::Full(_)) => {
-                s.cut.store(true, Ordering::Relaxed);
-                s.push.do_send(Push::Close(Goodbye::SlowConsumer));
-                dropped.push((s.key, s.reset.clone()));
-                false
-            }
-            Err(SendError::Closed(_)) => false,
-        });
+        entry
+            .sessions
+            .retain(|s| match s.push.try_send(Push::Event(frame.clone())) {
+                Ok(()) => true,
+                Err(SendError::Full(_)) => {
+                    s.cut.store(true, Ordering::Relaxed);
+                    s.push.do_send(Push::Close(Goodbye::SlowConsumer));
+                    dropped.push((s.key, s.reset.clone()));
+                    false
+                }
+                Err(SendError::Closed(_)) => false,
+            });
         for (key, reset) in dropped {
             log::warn!("user {user}: session {key} is not reading; dropped as a slow consumer");
             if let Some(reset) = reset {
@@ -197,8 +212,12 @@ impl ConnectionRegistry {
             entry.sessions.retain(|s| s.push.connected());
             entry.touch_idle(now);
         }
-        self.users.retain(|_, e| e.idle_since.is_none_or(|since| now.duration_since(since) < ttl));
-        self.runs.retain(|_, r| r.ended_at.is_none_or(|at| now.duration_since(at) < ttl));
+        self.users.retain(|_, e| {
+            e.idle_since
+                .is_none_or(|since| now.duration_since(since) < ttl)
+        });
+        self.runs
+            .retain(|_, r| r.ended_at.is_none_or(|at| now.duration_since(at) < ttl));
         let vanished: Vec<(RunId, UserId)> = self
             .runs
             .iter()
@@ -229,7 +248,8 @@ impl Actor for ConnectionRegistry {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX);
-        let every = (self.settings.replay_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let every =
+            (self.settings.replay_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         ctx.run_interval(every, |act, ctx| act.sweep(ctx));
     }
 }
@@ -240,11 +260,19 @@ impl Handler<Emit> for ConnectionRegistry {
     fn handle(&mut self, msg: Emit, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let Some(run) = self.runs.get_mut(&msg.run_id) else {
-            log::debug!("event {} for unknown run {} dropped", msg.data.kind(), msg.run_id);
+            log::debug!(
+                "event {} for unknown run {} dropped",
+                msg.data.kind(),
+                msg.run_id
+            );
             return;
         };
         if run.user != msg.user {
-            log::error!("run {}: emitter of user {} does not own it; event dropped", msg.run_id, msg.user);
+            log::error!(
+                "run {}: emitter of user {} does not own it; event dropped",
+                msg.run_id,
+                msg.user
+            );
             return;
         }
         let closing = match run.ledger.admit(&msg.data, now) {
@@ -260,7 +288,14 @@ impl Handler<Emit> for ConnectionRegistry {
         }
         let thread_id = run.thread_id.clone();
         for data in closing.iter().chain(std::iter::once(&msg.data)) {
-            self.deliver(&msg.user, &msg.run_id, thread_id.as_deref(), msg.at, data, ctx);
+            self.deliver(
+                &msg.user,
+                &msg.run_id,
+                thread_id.as_deref(),
+                msg.at,
+                data,
+                ctx,
+            );
         }
         if ended {
             self.running -= 1;
@@ -280,13 +315,25 @@ impl Handler<Connect> for ConnectionRegistry {
     fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> Self::Result {
         let shutting_down = self.shutting_down;
         let entry = self.user_entry(&msg.user);
-        let replay = msg.resume.as_ref().map(|r| entry.replay(r.after_seq, entry.last_seq, r.epoch.as_deref()));
+        let replay = msg
+            .resume
+            .as_ref()
+            .map(|r| entry.replay(r.after_seq, entry.last_seq, r.epoch.as_deref()));
         if shutting_down {
             msg.push.do_send(Push::Close(Goodbye::ServerShutdown));
         }
-        entry.sessions.push(SessionLink { key: msg.key, push: msg.push, cut: msg.cut, reset: msg.reset });
+        entry.sessions.push(SessionLink {
+            key: msg.key,
+            push: msg.push,
+            cut: msg.cut,
+            reset: msg.reset,
+        });
         entry.idle_since = None;
-        MessageResult(Connected { epoch: entry.epoch.clone(), last_seq: entry.last_seq, replay })
+        MessageResult(Connected {
+            epoch: entry.epoch.clone(),
+            last_seq: entry.last_seq,
+            replay,
+        })
     }
 }
 
@@ -378,7 +425,12 @@ impl Handler<Shutdown> for ConnectionRegistry {
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
-        let running: Vec<_> = self.runs.values().filter(|r| r.ended_at.is_none()).map(|r| r.actor.clone()).collect();
+        let running: Vec<_> = self
+            .runs
+            .values()
+            .filter(|r| r.ended_at.is_none())
+            .map(|r| r.actor.clone())
+            .collect();
         log::info!("shutting down: cancelling {} running runs", running.len());
         for actor in running {
             actor.do_send(Cancel(CancelReason::Shutdown));

@@ -24,12 +24,19 @@ pub struct ReplayBuffer {
 
 impl ReplayBuffer {
     pub fn new(capacity: usize, max_age: Duration) -> Self {
-        ReplayBuffer { entries: VecDeque::new(), capacity: capacity.max(1), max_age }
+        ReplayBuffer {
+            entries: VecDeque::new(),
+            capacity: capacity.max(1),
+            max_age,
+        }
     }
 
     /// Keeps `frame`, whose `seq` must follow the last one kept.
     pub fn push(&mut self, frame: Frame, now: Instant) {
-        debug_assert!(self.entries.back().is_none_or(|(_, f)| f.seq + 1 == frame.seq));
+        debug_assert!(self
+            .entries
+            .back()
+            .is_none_or(|(_, f)| f.seq + 1 == frame.seq));
         if self.entries.len() == self.capacity {
             self.entries.pop_front();
         }
@@ -59,7 +66,10 @@ impl ReplayBuffer {
     /// What a client that cannot be served is told, given the user's `last_seq`.
     pub fn gap(&self, last_seq: u64) -> Gap {
         let oldest_seq = self.entries.front().map_or(last_seq + 1, |(_, f)| f.seq);
-        Gap { oldest_seq, last_seq }
+        Gap {
+            oldest_seq,
+            last_seq,
+        }
     }
 
     /// The events with `after < seq <= upto`, given the user's `last_seq`.
@@ -77,7 +87,11 @@ impl ReplayBuffer {
             Some(oldest) if oldest <= after + 1 => {
                 let start = (after + 1 - oldest) as usize;
                 let end = (upto - oldest + 1) as usize;
-                Ok(self.entries.range(start..end.min(self.entries.len())).map(|(_, f)| f.clone()).collect())
+                Ok(self
+                    .entries
+                    .range(start..end.min(self.entries.len()))
+                    .map(|(_, f)| f.clone())
+                    .collect())
             }
             _ => Err(gap),
         }
@@ -90,7 +104,10 @@ mod tests {
     use bytestring::ByteString;
 
     fn frame(seq: u64) -> Frame {
-        Frame { seq, text: ByteString::from(format!("e{seq}")) }
+        Frame {
+            seq,
+            text: ByteString::from(format!("e{seq}")),
+        }
     }
 
     fn seqs(frames: &[Frame]) -> Vec<u64> {
@@ -110,7 +127,10 @@ mod tests {
     fn range_is_exclusive_below_inclusive_above() {
         let b = filled(10, 100);
         assert_eq!(seqs(&b.range(3, 6, 10).unwrap()), vec![4, 5, 6]);
-        assert_eq!(seqs(&b.range(0, 10, 10).unwrap()), (1..=10).collect::<Vec<_>>());
+        assert_eq!(
+            seqs(&b.range(0, 10, 10).unwrap()),
+            (1..=10).collect::<Vec<_>>()
+        );
         assert!(b.range(10, 10, 10).unwrap().is_empty());
         assert!(b.range(7, 5, 10).unwrap().is_empty());
     }
@@ -120,7 +140,13 @@ mod tests {
         let b = filled(10, 4);
         assert_eq!(b.len(), 4);
         assert_eq!(seqs(&b.range(6, 10, 10).unwrap()), vec![7, 8, 9, 10]);
-        assert_eq!(b.range(5, 10, 10).map(|f| seqs(&f)), Err(Gap { oldest_seq: 7, last_seq: 10 }));
+        assert_eq!(
+            b.range(5, 10, 10).map(|f| seqs(&f)),
+            Err(Gap {
+                oldest_seq: 7,
+                last_seq: 10
+            })
+        );
         // Nothing missing when the client already has everything, even with a short buffer.
         assert!(b.range(10, 10, 10).unwrap().is_empty());
     }
@@ -128,9 +154,21 @@ mod tests {
     #[test]
     fn ahead_of_history_is_a_gap() {
         let b = filled(3, 10);
-        assert_eq!(b.range(4, 3, 3).map(|f| seqs(&f)), Err(Gap { oldest_seq: 1, last_seq: 3 }));
+        assert_eq!(
+            b.range(4, 3, 3).map(|f| seqs(&f)),
+            Err(Gap {
+                oldest_seq: 1,
+                last_seq: 3
+            })
+        );
         let empty = ReplayBuffer::new(10, Duration::from_secs(1));
-        assert_eq!(empty.range(1, 0, 0).map(|f| seqs(&f)), Err(Gap { oldest_seq: 1, last_seq: 0 }));
+        assert_eq!(
+            empty.range(1, 0, 0).map(|f| seqs(&f)),
+            Err(Gap {
+                oldest_seq: 1,
+                last_seq: 0
+            })
+        );
         assert!(empty.range(0, 0, 0).unwrap().is_empty());
     }
 
@@ -143,9 +181,21 @@ mod tests {
         b.push(frame(3), t0 + Duration::from_millis(40));
         b.prune(t0 + Duration::from_millis(60));
         assert_eq!(seqs(&b.range(2, 3, 3).unwrap()), vec![3]);
-        assert_eq!(b.range(0, 3, 3).map(|f| seqs(&f)), Err(Gap { oldest_seq: 3, last_seq: 3 }));
+        assert_eq!(
+            b.range(0, 3, 3).map(|f| seqs(&f)),
+            Err(Gap {
+                oldest_seq: 3,
+                last_seq: 3
+            })
+        );
         b.prune(t0 + Duration::from_millis(100));
         assert!(b.is_empty());
-        assert_eq!(b.range(2, 3, 3).map(|f| seqs(&f)), Err(Gap { oldest_seq: 4, last_seq: 3 }));
+        assert_eq!(
+            b.range(2, 3, 3).map(|f| seqs(&f)),
+            Err(Gap {
+                oldest_seq: 4,
+                last_seq: 3
+            })
+        );
     }
 }

@@ -66,7 +66,13 @@ impl AgentRunActor {
         }
     }
 
-    fn finish(&mut self, status: RunStatus, result: Value, error: Option<ErrorBody>, ctx: &mut Context<Self>) {
+    fn finish(
+        &mut self,
+        status: RunStatus,
+        result: Value,
+        error: Option<ErrorBody>,
+        ctx: &mut Context<Self>,
+    ) {
         if self.finished {
             return;
         }
@@ -95,23 +101,37 @@ impl Actor for AgentRunActor {
             agent: self.agent.name().to_string(),
             input: input.clone(),
         });
-        let run = AgentRun::new(self.emitter.clone(), self.tools.clone(), self.tool_calls.clone());
+        let run = AgentRun::new(
+            self.emitter.clone(),
+            self.tools.clone(),
+            self.tool_calls.clone(),
+        );
         let work = AssertUnwindSafe(self.agent.clone().run(run, input)).catch_unwind();
-        let handle = ctx.spawn(actix::fut::wrap_future(work).map(|outcome, act: &mut Self, ctx| {
-            act.work = None;
-            match outcome {
-                Ok(Ok(result)) => act.finish(RunStatus::Succeeded, result, None, ctx),
-                Ok(Err(AgentError { code, message })) => {
-                    act.finish(RunStatus::Failed, Value::Null, Some(ErrorBody::new(code, message)), ctx)
+        let handle = ctx.spawn(actix::fut::wrap_future(work).map(
+            |outcome, act: &mut Self, ctx| {
+                act.work = None;
+                match outcome {
+                    Ok(Ok(result)) => act.finish(RunStatus::Succeeded, result, None, ctx),
+                    Ok(Err(AgentError { code, message })) => act.finish(
+                        RunStatus::Failed,
+                        Value::Null,
+                        Some(ErrorBody::new(code, message)),
+                        ctx,
+                    ),
+                    Err(payload) => {
+                        let what = crate::panic::message(payload.as_ref());
+                        log::error!(
+                            "run {}: agent {} panicked: {what}",
+                            act.emitter.run_id(),
+                            act.agent.name()
+                        );
+                        let error =
+                            ErrorBody::new("agent_panicked", format!("the agent panicked: {what}"));
+                        act.finish(RunStatus::Failed, Value::Null, Some(error), ctx)
+                    }
                 }
-                Err(payload) => {
-                    let what = crate::panic::message(payload.as_ref());
-                    log::error!("run {}: agent {} panicked: {what}", act.emitter.run_id(), act.agent.name());
-                    let error = ErrorBody::new("agent_panicked", format!("the agent panicked: {what}"));
-                    act.finish(RunStatus::Failed, Value::Null, Some(error), ctx)
-                }
-            }
-        }));
+            },
+        ));
         self.work = Some(handle);
         ctx.run_later(self.timeout, |act, ctx| {
             let error = ErrorBody::new(

@@ -19,7 +19,9 @@ use actix::prelude::*;
 use actix_web_actors::ws;
 
 use crate::ids::{random_id, UserId};
-use crate::protocol::{parse_client_frame, ClientFrame, Command, Control, ErrorCode, PROTOCOL_VERSION};
+use crate::protocol::{
+    parse_client_frame, ClientFrame, Command, Control, ErrorCode, PROTOCOL_VERSION,
+};
 use crate::rate::TokenBucket;
 use crate::router::*;
 
@@ -92,19 +94,30 @@ impl Session {
         stream: actix_web::web::Payload,
     ) -> Result<actix_web::HttpResponse, actix_web::Error> {
         let max = self.settings.max_frame_bytes;
-        ws::WsResponseBuilder::new(self, req, stream).frame_size(max).start()
+        ws::WsResponseBuilder::new(self, req, stream)
+            .frame_size(max)
+            .start()
     }
 
     fn send(&self, ctx: &mut ws::WebsocketContext<Self>, frame: Control<'_>) {
         ctx.text(frame.to_text());
     }
 
-    fn refuse(&self, ctx: &mut ws::WebsocketContext<Self>, request_id: Option<&str>, code: ErrorCode, message: &str) {
+    fn refuse(
+        &self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        request_id: Option<&str>,
+        code: ErrorCode,
+        message: &str,
+    ) {
         self.send(ctx, Control::error(request_id, code, message));
     }
 
     fn close(ctx: &mut ws::WebsocketContext<Self>, code: ws::CloseCode, why: &str) {
-        ctx.close(Some(ws::CloseReason { code, description: Some(why.to_string()) }));
+        ctx.close(Some(ws::CloseReason {
+            code,
+            description: Some(why.to_string()),
+        }));
         ctx.stop();
     }
 
@@ -145,7 +158,13 @@ impl Session {
                 if after_seq < self.covered_from {
                     self.covered_from = after_seq;
                 }
-                self.send(ctx, Control::Resumed { from_seq: after_seq + 1, to_seq: after_seq + count });
+                self.send(
+                    ctx,
+                    Control::Resumed {
+                        from_seq: after_seq + 1,
+                        to_seq: after_seq + count,
+                    },
+                );
             }
             Err(gap) => {
                 let message = format!(
@@ -172,16 +191,20 @@ impl Session {
         if let Err(wait) = self.commands.take(now) {
             // Refused frames get at most one reply a second, so a flood cannot make us queue
             // replies for a client that does not read them.
-            if self.last_rate_error.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            if self
+                .last_rate_error
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
                 self.last_rate_error = Some(now);
                 let message = format!(
                     "more than {} commands a second; wait and retry",
                     self.settings.commands_per_sec
                 );
+                let request_id = crate::protocol::request_id_of(text);
                 self.send(
                     ctx,
                     Control::Error {
-                        request_id: None,
+                        request_id: request_id.as_deref(),
                         code: ErrorCode::RateLimited,
                         message: &message,
                         oldest_seq: None,
@@ -199,42 +222,98 @@ impl Session {
     }
 
     fn on_command(&mut self, frame: ClientFrame, ctx: &mut ws::WebsocketContext<Self>) {
-        let ClientFrame { request_id, command } = frame;
+        let ClientFrame {
+            request_id,
+            command,
+        } = frame;
         match command {
-            Command::Ping => self.send(ctx, Control::Pong { request_id: request_id.as_deref() }),
-            Command::StartRun { agent, input, thread_id } => {
-                let ask = self.router.start_run.send(StartRun { user: self.user.clone(), agent, input, thread_id });
-                ctx.wait(actix::fut::wrap_future(ask).map(move |answer, act: &mut Self, ctx| {
-                    let rid = request_id.as_deref();
-                    match answer {
-                        Ok(Ok(run_id)) => act.send(ctx, Control::Ack { request_id: rid, run_id: Some(&run_id) }),
-                        Ok(Err(StartRefused::UnknownAgent)) => {
-                            act.refuse(ctx, rid, ErrorCode::UnknownAgent, "no agent by that name; see GET /v1/agents")
+            Command::Ping => self.send(
+                ctx,
+                Control::Pong {
+                    request_id: request_id.as_deref(),
+                },
+            ),
+            Command::StartRun {
+                agent,
+                input,
+                thread_id,
+            } => {
+                let ask = self.router.start_run.send(StartRun {
+                    user: self.user.clone(),
+                    agent,
+                    input,
+                    thread_id,
+                });
+                ctx.wait(
+                    actix::fut::wrap_future(ask).map(move |answer, act: &mut Self, ctx| {
+                        let rid = request_id.as_deref();
+                        match answer {
+                            Ok(Ok(run_id)) => act.send(
+                                ctx,
+                                Control::Ack {
+                                    request_id: rid,
+                                    run_id: Some(&run_id),
+                                },
+                            ),
+                            Ok(Err(StartRefused::UnknownAgent)) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::UnknownAgent,
+                                "no agent by that name; see GET /v1/agents",
+                            ),
+                            Ok(Err(StartRefused::InvalidInput(why))) => {
+                                act.refuse(ctx, rid, ErrorCode::InvalidField, &why)
+                            }
+                            Ok(Err(StartRefused::TooManyRuns(limit))) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::TooManyRuns,
+                                &format!("{limit} runs are already running for this user"),
+                            ),
+                            Ok(Err(StartRefused::ShuttingDown)) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::Internal,
+                                "the server is shutting down",
+                            ),
+                            Err(_) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::Internal,
+                                "the event router is unavailable",
+                            ),
                         }
-                        Ok(Err(StartRefused::InvalidInput(why))) => act.refuse(ctx, rid, ErrorCode::InvalidField, &why),
-                        Ok(Err(StartRefused::TooManyRuns(limit))) => act.refuse(
-                            ctx,
-                            rid,
-                            ErrorCode::TooManyRuns,
-                            &format!("{limit} runs are already running for this user"),
-                        ),
-                        Ok(Err(StartRefused::ShuttingDown)) => {
-                            act.refuse(ctx, rid, ErrorCode::Internal, "the server is shutting down")
-                        }
-                        Err(_) => act.refuse(ctx, rid, ErrorCode::Internal, "the event router is unavailable"),
-                    }
-                }));
+                    }),
+                );
             }
             Command::CancelRun { run_id } => {
-                let ask = self.router.cancel_run.send(CancelRun { user: self.user.clone(), run_id: run_id.clone() });
-                ctx.wait(actix::fut::wrap_future(ask).map(move |answer, act: &mut Self, ctx| {
-                    let rid = request_id.as_deref();
-                    match answer {
-                        Ok(Ok(())) => act.send(ctx, Control::Ack { request_id: rid, run_id: Some(&run_id) }),
-                        Ok(Err(RunNotFound)) => act.refuse(ctx, rid, ErrorCode::RunNotFound, "no such run"),
-                        Err(_) => act.refuse(ctx, rid, ErrorCode::Internal, "the event router is unavailable"),
-                    }
-                }));
+                let ask = self.router.cancel_run.send(CancelRun {
+                    user: self.user.clone(),
+                    run_id: run_id.clone(),
+                });
+                ctx.wait(
+                    actix::fut::wrap_future(ask).map(move |answer, act: &mut Self, ctx| {
+                        let rid = request_id.as_deref();
+                        match answer {
+                            Ok(Ok(())) => act.send(
+                                ctx,
+                                Control::Ack {
+                                    request_id: rid,
+                                    run_id: Some(&run_id),
+                                },
+                            ),
+                            Ok(Err(RunNotFound)) => {
+                                act.refuse(ctx, rid, ErrorCode::RunNotFound, "no such run")
+                            }
+                            Err(_) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::Internal,
+                                "the event router is unavailable",
+                            ),
+                        }
+                    }),
+                );
             }
             Command::Resume { after_seq, epoch } => {
                 // Only what this connection was not sent: the events before it joined.
@@ -244,10 +323,21 @@ impl Session {
                     upto: self.covered_from,
                     epoch,
                 });
-                ctx.wait(actix::fut::wrap_future(ask).map(move |answer, act: &mut Self, ctx| match answer {
-                    Ok(replay) => act.replayed(request_id.as_deref(), after_seq, replay, ctx),
-                    Err(_) => act.refuse(ctx, request_id.as_deref(), ErrorCode::Internal, "the event router is unavailable"),
-                }));
+                ctx.wait(
+                    actix::fut::wrap_future(ask).map(
+                        move |answer, act: &mut Self, ctx| match answer {
+                            Ok(replay) => {
+                                act.replayed(request_id.as_deref(), after_seq, replay, ctx)
+                            }
+                            Err(_) => act.refuse(
+                                ctx,
+                                request_id.as_deref(),
+                                ErrorCode::Internal,
+                                "the event router is unavailable",
+                            ),
+                        },
+                    ),
+                );
             }
         }
     }
@@ -259,13 +349,21 @@ impl Session {
                 (b, false)
             }
             actix_http::ws::Item::FirstBinary(_) => {
-                return Self::close(ctx, ws::CloseCode::Unsupported, "binary frames are not supported")
+                return Self::close(
+                    ctx,
+                    ws::CloseCode::Unsupported,
+                    "binary frames are not supported",
+                )
             }
             actix_http::ws::Item::Continue(b) => (b, false),
             actix_http::ws::Item::Last(b) => (b, true),
         };
         let Some(buf) = self.fragments.as_mut() else {
-            return Self::close(ctx, ws::CloseCode::Protocol, "continuation without a first frame");
+            return Self::close(
+                ctx,
+                ws::CloseCode::Protocol,
+                "continuation without a first frame",
+            );
         };
         if buf.len() + bytes.len() > self.settings.max_frame_bytes {
             return Self::close(ctx, ws::CloseCode::Size, "message too large");
@@ -288,11 +386,20 @@ impl Actor for Session {
         ctx.set_mailbox_capacity(self.settings.outbound_queue);
         ctx.run_interval(self.settings.heartbeat_interval, |act, ctx| {
             if act.last_heard.elapsed() > act.settings.idle_timeout {
-                log::debug!("session {} of {}: silent too long, closing", act.id, act.user);
+                log::debug!(
+                    "session {} of {}: silent too long, closing",
+                    act.id,
+                    act.user
+                );
                 return Self::close(ctx, ws::CloseCode::Normal, "idle timeout");
             }
             ctx.ping(b"");
-            act.send(ctx, Control::Heartbeat { last_seq: act.last_seq });
+            act.send(
+                ctx,
+                Control::Heartbeat {
+                    last_seq: act.last_seq,
+                },
+            );
         });
         let join = Connect {
             user: self.user.clone(),
@@ -302,16 +409,19 @@ impl Actor for Session {
             reset: self.reset.clone(),
             resume: self.resume.clone(),
         };
-        ctx.wait(actix::fut::wrap_future(self.router.connect.send(join)).map(|answer, act: &mut Self, ctx| {
-            match answer {
+        ctx.wait(actix::fut::wrap_future(self.router.connect.send(join)).map(
+            |answer, act: &mut Self, ctx| match answer {
                 Ok(joined) => act.joined(joined, ctx),
                 Err(_) => Self::close(ctx, ws::CloseCode::Error, "the event router is unavailable"),
-            }
-        }));
+            },
+        ));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.router.disconnect.do_send(Disconnect { user: self.user.clone(), key: self.key });
+        self.router.disconnect.do_send(Disconnect {
+            user: self.user.clone(),
+            key: self.key,
+        });
     }
 }
 
@@ -326,8 +436,12 @@ impl Handler<Push> for Session {
                     ctx.text(frame.text);
                 }
             }
-            Push::Close(Goodbye::SlowConsumer) => Self::close(ctx, ws::CloseCode::Other(4008), "slow_consumer"),
-            Push::Close(Goodbye::ServerShutdown) => Self::close(ctx, ws::CloseCode::Away, "server shutting down"),
+            Push::Close(Goodbye::SlowConsumer) => {
+                Self::close(ctx, ws::CloseCode::Other(4008), "slow_consumer")
+            }
+            Push::Close(Goodbye::ServerShutdown) => {
+                Self::close(ctx, ws::CloseCode::Away, "server shutting down")
+            }
         }
     }
 }
@@ -338,11 +452,19 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
         match item {
             Ok(ws::Message::Text(text)) => {
                 if self.fragments.is_some() {
-                    return Self::close(ctx, ws::CloseCode::Protocol, "new message inside a fragmented one");
+                    return Self::close(
+                        ctx,
+                        ws::CloseCode::Protocol,
+                        "new message inside a fragmented one",
+                    );
                 }
                 self.on_text(&text, ctx)
             }
-            Ok(ws::Message::Binary(_)) => Self::close(ctx, ws::CloseCode::Unsupported, "binary frames are not supported"),
+            Ok(ws::Message::Binary(_)) => Self::close(
+                ctx,
+                ws::CloseCode::Unsupported,
+                "binary frames are not supported",
+            ),
             Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
             Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
@@ -350,7 +472,9 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
                 ctx.close(reason);
                 ctx.stop();
             }
-            Err(ws::ProtocolError::Overflow) => Self::close(ctx, ws::CloseCode::Size, "frame too large"),
+            Err(ws::ProtocolError::Overflow) => {
+                Self::close(ctx, ws::CloseCode::Size, "frame too large")
+            }
             Err(e) => {
                 log::debug!("session {} of {}: protocol error {e}", self.id, self.user);
                 Self::close(ctx, ws::CloseCode::Protocol, "protocol error")

@@ -20,7 +20,10 @@ pub struct ToolError {
 
 impl ToolError {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        ToolError { code: code.into(), message: message.into() }
+        ToolError {
+            code: code.into(),
+            message: message.into(),
+        }
     }
 
     /// The arguments do not fit the tool: code `invalid_args`.

@@ -33,7 +33,8 @@ impl Agent for Echo {
 
     async fn run(self: Arc<Self>, run: AgentRun, input: Value) -> Result<Value, AgentError> {
         let text = input.as_str().unwrap_or_default().to_string();
-        run.think(format!("Echoing {} characters", text.chars().count())).await;
+        run.think(format!("Echoing {} characters", text.chars().count()))
+            .await;
         let chars: Vec<char> = text.chars().collect();
         for piece in chars.chunks(CHUNK) {
             run.partial(piece.iter().collect::<String>()).await;

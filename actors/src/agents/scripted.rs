@@ -40,17 +40,29 @@ fn parse(input: &Value) -> Result<Vec<Step>, String> {
 fn parse_step(step: &Value) -> Result<Step, String> {
     let obj = step.as_object().ok_or("a step is an object")?;
     let text = |key: &str| -> Result<String, String> {
-        obj.get(key).and_then(Value::as_str).map(str::to_string).ok_or(format!("{key} must be a string"))
+        obj.get(key)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or(format!("{key} must be a string"))
     };
     if obj.contains_key("think") {
         Ok(Step::Think(text("think")?))
     } else if obj.contains_key("text") {
         Ok(Step::Text(text("text")?))
     } else if obj.contains_key("tool") {
-        let args = obj.get("args").cloned().unwrap_or_else(|| Value::Object(Default::default()));
-        Ok(Step::Tool { name: text("tool")?, args })
+        let args = obj
+            .get("args")
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        Ok(Step::Tool {
+            name: text("tool")?,
+            args,
+        })
     } else if let Some(ms) = obj.get("sleep_ms") {
-        Ok(Step::Sleep(ms.as_u64().ok_or("sleep_ms must be a non-negative integer")?))
+        Ok(Step::Sleep(
+            ms.as_u64()
+                .ok_or("sleep_ms must be a non-negative integer")?,
+        ))
     } else if obj.contains_key("fail") {
         Ok(Step::Fail(text("fail")?))
     } else if obj.get("panic") == Some(&Value::Bool(true)) {
@@ -122,7 +134,10 @@ mod tests {
             vec![
                 Step::Think("a".into()),
                 Step::Text("b".into()),
-                Step::Tool { name: "clock".into(), args: json!({}) },
+                Step::Tool {
+                    name: "clock".into(),
+                    args: json!({})
+                },
                 Step::Sleep(5),
                 Step::Fail("x".into()),
                 Step::Panic
@@ -134,7 +149,9 @@ mod tests {
     fn refuses_what_it_cannot_run() {
         assert!(parse(&json!("hi")).is_err());
         assert!(parse(&json!({"steps": 3})).is_err());
-        assert!(parse(&json!({"steps": [{"dance": 1}]})).unwrap_err().contains("step 0"));
+        assert!(parse(&json!({"steps": [{"dance": 1}]}))
+            .unwrap_err()
+            .contains("step 0"));
         assert!(parse(&json!({"steps": [{"sleep_ms": -1}]})).is_err());
         assert!(parse(&json!({"steps": [{"think": 5}]})).is_err());
         assert!(parse(&json!({"steps": [{"panic": false}]})).is_err());

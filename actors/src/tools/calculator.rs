@@ -48,7 +48,11 @@ pub fn evaluate(expr: &str) -> Result<f64, String> {
     if expr.len() > MAX_LEN {
         return Err(format!("expression longer than {MAX_LEN} characters"));
     }
-    let mut p = Parser { s: expr.as_bytes(), i: 0, depth: 0 };
+    let mut p = Parser {
+        s: expr.as_bytes(),
+        i: 0,
+        depth: 0,
+    };
     let v = p.expr()?;
     p.skip_ws();
     if p.i != p.s.len() {
@@ -170,7 +174,9 @@ impl Parser<'_> {
         }
         // Only ASCII digits and dots were taken, so this is valid UTF-8.
         let digits = std::str::from_utf8(&self.s[start..self.i]).unwrap_or("");
-        digits.parse::<f64>().map_err(|_| format!("bad number {digits:?}"))
+        digits
+            .parse::<f64>()
+            .map_err(|_| format!("bad number {digits:?}"))
     }
 }
 

@@ -22,7 +22,10 @@ impl Tool for Clock {
 
     async fn call(self: Arc<Self>, _call: ToolCall, _args: Value) -> Result<Value, ToolError> {
         let now = SystemTime::now();
-        let unix_ms = now.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let unix_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         Ok(json!({ "now": humantime::format_rfc3339_micros(now).to_string(), "unix_ms": unix_ms }))
     }
 }

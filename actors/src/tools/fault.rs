@@ -21,7 +21,10 @@ impl Tool for Fail {
     }
 
     async fn call(self: Arc<Self>, _call: ToolCall, args: Value) -> Result<Value, ToolError> {
-        let message = args.get("message").and_then(Value::as_str).unwrap_or("the tool failed, as asked");
+        let message = args
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("the tool failed, as asked");
         Err(ToolError::failed(message))
     }
 }

@@ -36,7 +36,11 @@ impl Tool for Sleep {
             let until = ms * i / steps;
             tokio::time::sleep(Duration::from_millis(until - slept)).await;
             slept = until;
-            call.progress(format!("slept {slept} of {ms} ms"), Some(i as f64 / steps as f64)).await;
+            call.progress(
+                format!("slept {slept} of {ms} ms"),
+                Some(i as f64 / steps as f64),
+            )
+            .await;
         }
         Ok(json!({ "slept_ms": ms }))
     }

@@ -1,0 +1,910 @@
+//! The shared test client: a real tokio-tungstenite WebSocket client against a real
+//! `agentcast::spawn`ed server, plus a tiny HTTP/1.1 client and a raw WebSocket handshake.
+//! Every wait is bounded by `TIMEOUT` so a broken server fails a test instead of hanging it.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret";
+
+/// The bound on every single wait in the tests.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// `Config::default()` with bind 127.0.0.1:0, jwt_secret Some(SECRET), workers 2.
+pub fn test_config() -> agentcast::Config {
+    agentcast::Config {
+        bind: "127.0.0.1:0".into(),
+        jwt_secret: Some(SECRET.into()),
+        workers: 2,
+        ..agentcast::Config::default()
+    }
+}
+
+pub fn start(config: agentcast::Config) -> agentcast::RunningServer {
+    agentcast::spawn(config).expect("agentcast::spawn failed")
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A scripted input from steps.
+pub fn scripted(steps: Value) -> Value {
+    json!({ "steps": steps })
+}
+
+fn frame_type(v: &Value) -> &str {
+    v.get("type").and_then(Value::as_str).unwrap_or("")
+}
+
+fn is_heartbeat(v: &Value) -> bool {
+    frame_type(v) == "heartbeat"
+}
+
+pub struct Client {
+    ws: Ws,
+    /// Frames read but not yet consumed, in arrival order.
+    kept: VecDeque<Value>,
+    welcome: Value,
+    next_request: u64,
+    /// Set once the server's close frame (or the end of the connection) was seen.
+    closed: Option<Option<u16>>,
+}
+
+impl Client {
+    /// Connects as `user` (token from server.token), reads and keeps the welcome frame.
+    /// Panics on failure.
+    pub async fn connect(server: &agentcast::RunningServer, user: &str) -> Client {
+        Self::connect_query(server, user, "").await
+    }
+
+    /// Same with extra query string, e.g. "after_seq=3&epoch=abc" (appended after token).
+    pub async fn connect_query(
+        server: &agentcast::RunningServer,
+        user: &str,
+        query: &str,
+    ) -> Client {
+        let mut url = format!("{}?token={}", server.ws_url(), server.token(user));
+        if !query.is_empty() {
+            url.push('&');
+            url.push_str(query.trim_start_matches(['?', '&']));
+        }
+        let client = match Self::try_connect(&url, None).await {
+            Ok(c) => c,
+            Err(e) => panic!("connecting as {user:?} failed: {}", describe_error(&e)),
+        };
+        assert_eq!(
+            frame_type(&client.welcome),
+            "welcome",
+            "the first frame of a connection must be welcome, got {}",
+            client.welcome
+        );
+        assert_eq!(
+            client.welcome["user_id"],
+            json!(user),
+            "welcome.user_id: {}",
+            client.welcome
+        );
+        client
+    }
+
+    /// Raw attempt for auth tests: Err carries the HTTP status when the upgrade is refused.
+    /// On success the first text frame (expected: welcome) has been read and is `welcome()`.
+    pub async fn try_connect(
+        url: &str,
+        bearer: Option<&str>,
+    ) -> Result<Client, tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        if let Some(token) = bearer {
+            request.headers_mut().insert(
+                "Authorization",
+                HeaderValue::from_str(&format!("Bearer {token}")).expect("token is a header value"),
+            );
+        }
+        let (ws, _response) =
+            match tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request)).await {
+                Ok(r) => r?,
+                Err(_) => panic!("WebSocket handshake with {url} timed out"),
+            };
+        let mut client = Client {
+            ws,
+            kept: VecDeque::new(),
+            welcome: Value::Null,
+            next_request: 0,
+            closed: None,
+        };
+        client.welcome = client.read_json().await;
+        Ok(client)
+    }
+
+    pub fn welcome(&self) -> &Value {
+        &self.welcome
+    }
+
+    /// The raw stream, for tests that need WebSocket-level access.
+    pub fn ws(&mut self) -> &mut Ws {
+        &mut self.ws
+    }
+
+    /// Frames read but not yet consumed.
+    pub fn kept(&self) -> &VecDeque<Value> {
+        &self.kept
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.send(Message::text(v.to_string())).await;
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.send(Message::text(s.to_string())).await;
+    }
+
+    pub async fn send_binary(&mut self, b: Vec<u8>) {
+        self.send(Message::binary(b)).await;
+    }
+
+    /// Sends one message; panics if the connection is gone or the send does not finish in time.
+    pub async fn send(&mut self, m: Message) {
+        match tokio::time::timeout(TIMEOUT, self.ws.send(m)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("sending a frame failed: {e}"),
+            Err(_) => panic!("sending a frame did not finish within {TIMEOUT:?}"),
+        }
+    }
+
+    /// Sends one message; returns the error instead of panicking.
+    pub async fn try_send(&mut self, m: Message) -> Result<(), tungstenite::Error> {
+        match tokio::time::timeout(TIMEOUT, self.ws.send(m)).await {
+            Ok(r) => r,
+            Err(_) => Err(tungstenite::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "send timed out",
+            ))),
+        }
+    }
+
+    /// The next WebSocket message straight off the socket (ignores kept-back frames), or None
+    /// when the connection ended. Panics after TIMEOUT.
+    pub async fn next_message(&mut self) -> Option<Result<Message, tungstenite::Error>> {
+        match tokio::time::timeout(TIMEOUT, self.ws.next()).await {
+            Ok(m) => m,
+            Err(_) => panic!(
+                "no WebSocket message within {TIMEOUT:?}; frames kept back: {:?}",
+                self.kept
+            ),
+        }
+    }
+
+    /// Reads the next text frame off the socket (not from the kept-back queue) as JSON.
+    /// Skips WebSocket ping/pong. Panics on timeout, close, binary frames and non-JSON text.
+    async fn read_json(&mut self) -> Value {
+        if let Some(code) = self.closed {
+            panic!("expected a frame but the connection was already closed (code {code:?})");
+        }
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(m) => m,
+                Err(_) => panic!(
+                    "no frame within {TIMEOUT:?}; frames kept back: {:?}",
+                    self.kept
+                ),
+            };
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    return serde_json::from_str(t.as_str()).unwrap_or_else(|e| {
+                        panic!("server sent a text frame that is not JSON ({e}): {t}")
+                    })
+                }
+                Some(Ok(Message::Ping(_)))
+                | Some(Ok(Message::Pong(_)))
+                | Some(Ok(Message::Frame(_))) => {}
+                Some(Ok(Message::Binary(b))) => panic!("server sent a binary frame: {b:?}"),
+                Some(Ok(Message::Close(f))) => {
+                    let code = f.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005);
+                    self.closed = Some(Some(code));
+                    panic!("expected a frame but the server closed the connection: {f:?}");
+                }
+                Some(Err(e)) => {
+                    self.closed = Some(None);
+                    panic!("expected a frame but the connection failed: {e}");
+                }
+                None => {
+                    self.closed = Some(None);
+                    panic!("expected a frame but the connection ended");
+                }
+            }
+        }
+    }
+
+    /// Next text frame as JSON (kept-back frames first). Skips WebSocket ping/pong. Panics after a
+    /// 10 s timeout or if the connection closes.
+    pub async fn next_json(&mut self) -> Value {
+        if let Some(v) = self.kept.pop_front() {
+            return v;
+        }
+        self.read_json().await
+    }
+
+    /// Like next_json but skips `heartbeat` frames.
+    pub async fn next_frame(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let v = match tokio::time::timeout_at(deadline, self.next_json()).await {
+                Ok(v) => v,
+                Err(_) => panic!("no frame other than heartbeats within {TIMEOUT:?}"),
+            };
+            if !is_heartbeat(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// Reads until a frame matching `pred` (kept-back frames first); frames passed over are kept
+    /// back, in order; heartbeats passed over are dropped. Panics after TIMEOUT.
+    pub async fn next_matching(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.kept.iter().position(&pred) {
+            return self.kept.remove(i).unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let v = match tokio::time::timeout_at(deadline, self.read_json()).await {
+                Ok(v) => v,
+                Err(_) => panic!(
+                    "no frame matching {what} within {TIMEOUT:?}; frames kept back: {:?}",
+                    self.kept
+                ),
+            };
+            if pred(&v) {
+                return v;
+            }
+            if !is_heartbeat(&v) {
+                self.kept.push_back(v);
+            }
+        }
+    }
+
+    /// Reads until a frame with this `type` (skipping heartbeats); frames passed over are kept back,
+    /// in order, for later reads.
+    pub async fn next_of_type(&mut self, ty: &str) -> Value {
+        let ty = ty.to_string();
+        self.next_matching(&format!("type {ty:?}"), move |v| frame_type(v) == ty)
+            .await
+    }
+
+    /// Waits for a frame with this `type` like next_of_type, but leaves it (and everything before
+    /// it) kept back for later reads; returns a copy.
+    pub async fn peek_of_type(&mut self, ty: &str) -> Value {
+        if let Some(v) = self.kept.iter().find(|v| frame_type(v) == ty) {
+            return v.clone();
+        }
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let v = match tokio::time::timeout_at(deadline, self.read_json()).await {
+                Ok(v) => v,
+                Err(_) => panic!(
+                    "no frame of type {ty:?} within {TIMEOUT:?}; frames kept back: {:?}",
+                    self.kept
+                ),
+            };
+            let hit = frame_type(&v) == ty;
+            if hit || !is_heartbeat(&v) {
+                self.kept.push_back(v.clone());
+            }
+            if hit {
+                return v;
+            }
+        }
+    }
+
+    fn fresh_request_id(&mut self) -> String {
+        self.next_request += 1;
+        format!("req-{}", self.next_request)
+    }
+
+    /// Sends a frame with a fresh request_id and returns the ack or error frame answering it.
+    /// (A request_id already in `v` is kept and used.)
+    pub async fn request(&mut self, mut v: Value) -> Value {
+        let id = match v.get("request_id").and_then(Value::as_str) {
+            Some(id) => id.to_string(),
+            None => {
+                let id = self.fresh_request_id();
+                v.as_object_mut()
+                    .expect("request() needs a JSON object")
+                    .insert("request_id".into(), json!(id));
+                id
+            }
+        };
+        self.send_json(v).await;
+        let want = json!(id);
+        self.next_matching(&format!("ack/error for request {id:?}"), move |f| {
+            matches!(frame_type(f), "ack" | "error" | "pong") && f.get("request_id") == Some(&want)
+        })
+        .await
+    }
+
+    /// Sends start_run {agent, input, request_id}, waits for the ack with that request_id (other frames
+    /// kept back), returns run_id. Panics on an error frame for that request.
+    pub async fn start_run(&mut self, agent: &str, input: Value) -> String {
+        let reply = self
+            .request(json!({ "type": "start_run", "agent": agent, "input": input }))
+            .await;
+        assert_eq!(
+            frame_type(&reply),
+            "ack",
+            "start_run of {agent:?} was refused: {reply}"
+        );
+        reply["run_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("ack of start_run without a string run_id: {reply}"))
+            .to_string()
+    }
+
+    /// Reads until that run's agent_completed; returns all of that run's events in order (events of
+    /// other runs are kept back).
+    pub async fn collect_run(&mut self, run_id: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        let of_run = |v: &Value| {
+            v.get("run_id").and_then(Value::as_str) == Some(run_id) && v.get("seq").is_some()
+        };
+        // Kept-back events of this run first, in order.
+        let mut rest = VecDeque::with_capacity(self.kept.len());
+        let mut done = false;
+        while let Some(v) = self.kept.pop_front() {
+            if !done && of_run(&v) {
+                done = frame_type(&v) == "agent_completed";
+                events.push(v);
+            } else {
+                rest.push_back(v);
+            }
+        }
+        self.kept = rest;
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while !done {
+            let v = match tokio::time::timeout_at(deadline, self.read_json()).await {
+                Ok(v) => v,
+                Err(_) => panic!(
+                    "run {run_id} did not complete within {TIMEOUT:?}; its events so far: {events:?}"
+                ),
+            };
+            if of_run(&v) {
+                done = frame_type(&v) == "agent_completed";
+                events.push(v);
+            } else if !is_heartbeat(&v) {
+                self.kept.push_back(v);
+            }
+        }
+        events
+    }
+
+    /// Reads until the server closes; returns the close code (None if the TCP connection just ended
+    /// or was reset). Frames read on the way are kept back.
+    pub async fn expect_close(&mut self) -> Option<u16> {
+        if let Some(code) = self.closed {
+            return code;
+        }
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(m) => m,
+                Err(_) => panic!(
+                    "the server did not close the connection within {TIMEOUT:?}; frames kept back: {} (last: {:?})",
+                    self.kept.len(),
+                    self.kept.back()
+                ),
+            };
+            match msg {
+                Some(Ok(Message::Text(t))) => match serde_json::from_str(t.as_str()) {
+                    Ok(v) => self.kept.push_back(v),
+                    Err(e) => panic!("server sent a text frame that is not JSON ({e}): {t}"),
+                },
+                Some(Ok(Message::Close(f))) => {
+                    let code = Some(f.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005));
+                    self.closed = Some(code);
+                    return code;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    self.closed = Some(None);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Like expect_close but also returns the close reason.
+    pub async fn expect_close_frame(&mut self) -> Option<(u16, String)> {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(m) => m,
+                Err(_) => panic!("the server did not close the connection within {TIMEOUT:?}"),
+            };
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(v) = serde_json::from_str(t.as_str()) {
+                        self.kept.push_back(v);
+                    }
+                }
+                Some(Ok(Message::Close(f))) => {
+                    let cf = f
+                        .map(|f| (u16::from(f.code), f.reason.as_str().to_string()))
+                        .unwrap_or((1005, String::new()));
+                    self.closed = Some(Some(cf.0));
+                    return Some(cf);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    self.closed = Some(None);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Sends ping with a fresh request_id and asserts the matching pong arrives: proof that the
+    /// connection is alive and served.
+    pub async fn assert_alive(&mut self) {
+        let id = self.fresh_request_id();
+        self.send_json(json!({ "type": "ping", "request_id": id }))
+            .await;
+        let want = json!(id);
+        let pong = self
+            .next_matching(&format!("pong for {id:?}"), move |f| {
+                frame_type(f) == "pong" && f.get("request_id") == Some(&want)
+            })
+            .await;
+        assert_eq!(pong, json!({ "type": "pong", "request_id": id }));
+    }
+
+    pub async fn close(mut self) {
+        if self.closed.is_some() {
+            return;
+        }
+        let _ = tokio::time::timeout(TIMEOUT, self.ws.close(None)).await;
+        // Drain until the server answers the close (or the connection ends).
+        let _ = tokio::time::timeout(TIMEOUT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+/// Readable text of a connection error, with the HTTP status when the upgrade was refused.
+pub fn describe_error(e: &tungstenite::Error) -> String {
+    match e {
+        tungstenite::Error::Http(resp) => format!(
+            "HTTP {} {}",
+            resp.status(),
+            resp.body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// The HTTP status of a refused upgrade, or None when the error was something else.
+pub fn http_status(e: &tungstenite::Error) -> Option<u16> {
+    match e {
+        tungstenite::Error::Http(resp) => Some(resp.status().as_u16()),
+        _ => None,
+    }
+}
+
+/// Checks the §2 rules on one run's events: agent_started first and once, agent_completed last and
+/// once, each tool_executing has exactly one later tool_completed with the same tool_call_id,
+/// tool_progress only between them, all events carry the same run_id. Panics with a clear message.
+pub fn assert_run_shape(events: &[Value]) {
+    assert!(!events.is_empty(), "a run with no events");
+    let dump = || {
+        events
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    };
+    let run_id = events[0]["run_id"].clone();
+    assert!(
+        run_id.is_string(),
+        "event without a string run_id:\n  {}",
+        dump()
+    );
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(
+            e["run_id"],
+            run_id,
+            "event {i} belongs to another run:\n  {}",
+            dump()
+        );
+        assert!(
+            e["seq"].is_u64(),
+            "event {i} has no integer seq:\n  {}",
+            dump()
+        );
+        assert!(e["ts"].is_string(), "event {i} has no ts:\n  {}", dump());
+        assert!(
+            e.get("thread_id").is_some(),
+            "event {i} has no thread_id (null when none):\n  {}",
+            dump()
+        );
+        assert!(
+            e.get("data").map_or(false, Value::is_object),
+            "event {i} has no data object:\n  {}",
+            dump()
+        );
+    }
+    assert_eq!(
+        frame_type(&events[0]),
+        "agent_started",
+        "first event is not agent_started:\n  {}",
+        dump()
+    );
+    let started = events
+        .iter()
+        .filter(|e| frame_type(e) == "agent_started")
+        .count();
+    assert_eq!(
+        started,
+        1,
+        "agent_started appears {started} times:\n  {}",
+        dump()
+    );
+    assert_eq!(
+        frame_type(events.last().unwrap()),
+        "agent_completed",
+        "last event is not agent_completed:\n  {}",
+        dump()
+    );
+    let completed = events
+        .iter()
+        .filter(|e| frame_type(e) == "agent_completed")
+        .count();
+    assert_eq!(
+        completed,
+        1,
+        "agent_completed appears {completed} times:\n  {}",
+        dump()
+    );
+
+    // Tool calls: open on tool_executing, progress only while open, closed exactly once.
+    let mut open: std::collections::HashSet<String> = Default::default();
+    let mut seen: std::collections::HashSet<String> = Default::default();
+    for (i, e) in events.iter().enumerate() {
+        let id = || {
+            e["data"]["tool_call_id"]
+                .as_str()
+                .unwrap_or_else(|| {
+                    panic!(
+                        "event {i} ({}) has no data.tool_call_id:\n  {}",
+                        frame_type(e),
+                        dump()
+                    )
+                })
+                .to_string()
+        };
+        match frame_type(e) {
+            "tool_executing" => {
+                let id = id();
+                assert!(
+                    seen.insert(id.clone()),
+                    "tool_call_id {id} executed twice:\n  {}",
+                    dump()
+                );
+                open.insert(id);
+            }
+            "tool_progress" => {
+                let id = id();
+                assert!(
+                    open.contains(&id),
+                    "tool_progress for {id} outside its call (event {i}):\n  {}",
+                    dump()
+                );
+            }
+            "tool_completed" => {
+                let id = id();
+                assert!(
+                    open.remove(&id),
+                    "tool_completed for {id} without an open tool_executing (event {i}):\n  {}",
+                    dump()
+                );
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        open.is_empty(),
+        "tool calls never completed: {open:?}:\n  {}",
+        dump()
+    );
+}
+
+/// Checks seqs are strictly contiguous (each = previous + 1).
+pub fn assert_contiguous(seqs: &[u64]) {
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "seqs are not contiguous: {seqs:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tiny HTTP/1.1 client.
+
+/// A response: status, headers (names lower-cased), body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("HTTP body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let r = http_full(addr, method, path, headers, body).await;
+    (r.status, r.body)
+}
+
+/// One HTTP/1.1 request with the response headers too. Panics after TIMEOUT.
+pub async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
+    match tokio::time::timeout(TIMEOUT, http_inner(addr, method, path, headers, body)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("HTTP {method} {path} failed: {e}"),
+        Err(_) => panic!("HTTP {method} {path} got no complete answer within {TIMEOUT:?}"),
+    }
+}
+
+async fn http_inner(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    let has = |n: &str| headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(n));
+    if !has("connection") {
+        req.push_str("Connection: close\r\n");
+    }
+    if !body.is_empty() && !has("content-type") {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).await?;
+    read_http_response(&mut stream).await
+}
+
+/// Reads one HTTP response (head, then a body framed by Content-Length, chunked encoding, or EOF).
+pub async fn read_http_response(stream: &mut TcpStream) -> std::io::Result<HttpResponse> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "connection ended inside the response head: {:?}",
+                    String::from_utf8_lossy(&buf)
+                ),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut rest = buf[head_end + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad status line {status_line:?}"),
+            )
+        })?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let get = |n: &str| headers.iter().find(|(h, _)| h == n).map(|(_, v)| v.clone());
+    let body_bytes = if status == 101 || status == 204 || status == 304 {
+        Vec::new()
+    } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        while rest.len() < len {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        rest.truncate(len);
+        rest
+    } else if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        let mut out = Vec::new();
+        loop {
+            // Need a full chunk-size line.
+            while find(&rest, b"\r\n").is_none() {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(HttpResponse {
+                        status,
+                        headers,
+                        body: String::from_utf8_lossy(&out).into_owned(),
+                    });
+                }
+                rest.extend_from_slice(&chunk[..n]);
+            }
+            let line_end = find(&rest, b"\r\n").unwrap();
+            let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("bad chunk size {size_text:?}"),
+                    )
+                })?;
+            if size == 0 {
+                break;
+            }
+            while rest.len() < line_end + 2 + size + 2 {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    break;
+                }
+                rest.extend_from_slice(&chunk[..n]);
+            }
+            let end = (line_end + 2 + size).min(rest.len());
+            out.extend_from_slice(&rest[line_end + 2..end]);
+            rest.drain(..(end + 2).min(rest.len()));
+        }
+        out
+    } else {
+        stream.read_to_end(&mut rest).await?;
+        rest
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body_bytes).into_owned(),
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The fixed key of the hand-made WebSocket handshakes below.
+pub const RAW_WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Sends a WebSocket upgrade request for `path_and_query` by hand over a plain TcpStream and
+/// returns the stream and the response head. The stream is positioned after the response head when
+/// the status is 101; any bytes that came with the head are returned too.
+pub async fn raw_ws_upgrade(
+    addr: SocketAddr,
+    path_and_query: &str,
+    extra_headers: &[(&str, &str)],
+) -> (TcpStream, HttpResponse, Vec<u8>) {
+    let fut = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let mut req = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {RAW_WS_KEY}\r\nSec-WebSocket-Version: 13\r\n"
+        );
+        for (n, v) in extra_headers {
+            req.push_str(&format!("{n}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "no upgrade response",
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let after = buf[head_end + 4..].to_vec();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Ok::<_, std::io::Error>((
+            stream,
+            HttpResponse {
+                status,
+                headers,
+                body: String::new(),
+            },
+            after,
+        ))
+    };
+    match tokio::time::timeout(TIMEOUT, fut).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("raw WebSocket upgrade failed: {e}"),
+        Err(_) => panic!("raw WebSocket upgrade timed out"),
+    }
+}
+
+/// Makes an HS256 JWT with arbitrary claims (for malformed-claims tests).
+pub fn sign_claims(secret: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("signing a test token")
+}
