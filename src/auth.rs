@@ -36,6 +36,18 @@ impl std::fmt::Display for AuthError {
     }
 }
 
+impl AuthError {
+    /// A label for metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Invalid => "invalid",
+            AuthError::Expired => "expired",
+            AuthError::BadSubject => "bad_subject",
+        }
+    }
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -76,6 +76,18 @@ pub struct Config {
     #[arg(long, env = "AGENTCAST_WORKERS", default_value_t = 0)]
     pub workers: usize,
 
+    /// On SIGTERM/SIGINT, how long running runs get to finish before they are cancelled.
+    #[arg(long, env = "AGENTCAST_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
+
+    /// Runs one user may start per minute (in bursts of as many); more is `rate_limited`.
+    #[arg(long, env = "AGENTCAST_RUNS_PER_MINUTE", default_value_t = 120)]
+    pub runs_per_minute: u32,
+
+    /// Connections (WebSocket and SSE) one user may hold at once; more are closed with 1008.
+    #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    pub max_connections_per_user: usize,
+
     /// Connections the server accepts at once, over all workers.
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -97,6 +109,9 @@ impl Default for Config {
             heartbeat_interval_ms: 10_000,
             idle_timeout_ms: 30_000,
             workers: 0,
+            drain_secs: 30,
+            runs_per_minute: 120,
+            max_connections_per_user: 32,
             max_connections: 100_000,
         }
     }
@@ -159,6 +174,11 @@ impl Config {
             ("heartbeat-interval-ms", self.heartbeat_interval_ms),
             ("idle-timeout-ms", self.idle_timeout_ms),
             ("max-connections", self.max_connections as u64),
+            ("runs-per-minute", self.runs_per_minute as u64),
+            (
+                "max-connections-per-user",
+                self.max_connections_per_user as u64,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));

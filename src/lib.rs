@@ -7,8 +7,11 @@
 pub mod auth;
 pub mod config;
 pub mod routes;
+pub mod runs;
 pub mod server;
 pub mod socket;
+pub mod stream;
+pub mod web;
 
 pub use config::Config;
 pub use server::{serve, spawn, RunningServer};

@@ -1,28 +1,66 @@
-//! HTTP routes: the WebSocket endpoint (authentication and resume parameters are checked
-//! here, before the upgrade), health, and in dev mode the token route.
+//! HTTP routes and what they share: the application state, authentication of a request,
+//! JSON errors, health, metrics, the catalog and (dev mode only) the token route. The
+//! streaming endpoints are in `stream.rs`, the runs API in `runs.rs`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix_web::body::{BoxBody, EitherBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
-use agentcast_actors::router::{ResumeFrom, Router};
-use agentcast_actors::session::{Session, SessionSettings};
+use agentcast_actors::catalog::Catalog;
+use agentcast_actors::metrics::Metrics;
+use agentcast_actors::router::{RefreshGauges, ResumeFrom, Router};
+use agentcast_actors::session::SessionSettings;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{self, AuthError};
-use crate::socket::ConnSocket;
 
 /// Shared by every worker.
 pub struct AppState {
     pub router: Router,
+    pub catalog: Arc<Catalog>,
     pub sessions: SessionSettings,
+    pub metrics: Arc<Metrics>,
     pub secret: String,
+    /// Set when the server starts to stop: new requests are refused with 503.
+    pub draining: AtomicBool,
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig, dev_mode: bool) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/v1/ws", web::get().to(websocket));
+pub fn configure(cfg: &mut web::ServiceConfig, dev_mode: bool, max_body: usize) {
+    cfg.app_data(web::PayloadConfig::new(max_body))
+        .route("/healthz", web::get().to(healthz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/v1/agents", web::get().to(agents));
+    crate::stream::configure(cfg);
+    crate::runs::configure(cfg);
+    crate::web::configure(cfg);
     if dev_mode {
         cfg.route("/v1/dev/token", web::post().to(dev_token));
     }
+}
+
+/// Middleware: while draining, everything but `/metrics` answers 503 (health included, so
+/// load balancers stop sending new users here).
+pub async fn refuse_while_draining(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<BoxBody>,
+) -> Result<ServiceResponse<EitherBody<BoxBody>>, actix_web::Error> {
+    let draining = req
+        .app_data::<web::Data<AppState>>()
+        .is_some_and(|s| s.draining.load(Ordering::Relaxed));
+    if draining && req.path() != "/metrics" {
+        let res = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal",
+            "the server is shutting down",
+        );
+        return Ok(req.into_response(res).map_into_right_body());
+    }
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_left_body)
 }
 
 /// A JSON error body `{code, message}`.
@@ -39,71 +77,105 @@ fn unauthorized(e: AuthError) -> HttpResponse {
     res
 }
 
+/// The user a request is from: `Authorization: Bearer`, else `query_token` (for clients that
+/// cannot set headers: browsers' WebSocket and EventSource). Otherwise the 401 to answer.
+pub fn authenticate(
+    req: &HttpRequest,
+    state: &AppState,
+    query_token: Option<&str>,
+) -> Result<String, HttpResponse> {
+    let verified = auth::token_of(req, query_token)
+        .ok_or(AuthError::Missing)
+        .and_then(|token| auth::verify(&state.secret, &token));
+    verified.map_err(|e| {
+        log::info!("refused {} {}: {e}", req.method(), req.path());
+        state.metrics.auth_failure(e.reason());
+        unauthorized(e)
+    })
+}
+
+/// Query parameters of the streaming endpoints.
+#[derive(Deserialize)]
+pub struct StreamQuery {
+    pub token: Option<String>,
+    pub after_seq: Option<String>,
+    pub epoch: Option<String>,
+}
+
+impl StreamQuery {
+    pub fn parse(req: &HttpRequest) -> Result<StreamQuery, HttpResponse> {
+        web::Query::<StreamQuery>::from_query(req.query_string())
+            .map(web::Query::into_inner)
+            .map_err(|e| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_field",
+                    &format!("bad query string: {e}"),
+                )
+            })
+    }
+
+    /// The resume point asked for, if any: `?after_seq=` (with `?epoch=`), else `fallback`
+    /// (SSE's `Last-Event-ID`).
+    pub fn resume(&self, fallback: Option<&str>) -> Result<Option<ResumeFrom>, HttpResponse> {
+        let after = match (&self.after_seq, &self.epoch) {
+            (None, Some(_)) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_field",
+                    "epoch needs after_seq",
+                ))
+            }
+            (Some(after), _) => Some(after.as_str()),
+            (None, None) => fallback,
+        };
+        let Some(after) = after else {
+            return Ok(None);
+        };
+        match after.trim().parse::<u64>() {
+            Ok(after_seq) => Ok(Some(ResumeFrom {
+                after_seq,
+                epoch: self.epoch.clone(),
+            })),
+            Err(_) => Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "after_seq must be a non-negative integer",
+            )),
+        }
+    }
+}
+
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok\n")
 }
 
-#[derive(Deserialize)]
-struct WsQuery {
-    token: Option<String>,
-    after_seq: Option<String>,
-    epoch: Option<String>,
+/// `GET /metrics`: Prometheus text.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    if state
+        .router
+        .refresh_gauges
+        .send(RefreshGauges)
+        .await
+        .is_err()
+    {
+        log::warn!("metrics: the registry did not answer; gauges may be stale");
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
 }
 
-async fn websocket(
-    req: HttpRequest,
-    stream: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, actix_web::Error> {
-    let query = match web::Query::<WsQuery>::from_query(req.query_string()) {
-        Ok(q) => q.into_inner(),
-        Err(e) => {
-            return Ok(error(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                &format!("bad query string: {e}"),
-            ))
-        }
-    };
-    let Some(token) = auth::token_of(&req, query.token.as_deref()) else {
-        return Ok(unauthorized(AuthError::Missing));
-    };
-    let user = match auth::verify(&state.secret, &token) {
-        Ok(user) => user,
-        Err(e) => {
-            log::info!("refused a connection: {e}");
-            return Ok(unauthorized(e));
-        }
-    };
-    let resume = match (query.after_seq, query.epoch) {
-        (None, None) => None,
-        (None, Some(_)) => {
-            return Ok(error(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                "epoch needs after_seq",
-            ));
-        }
-        (Some(after), epoch) => match after.parse::<u64>() {
-            Ok(after_seq) => Some(ResumeFrom { after_seq, epoch }),
-            Err(_) => {
-                return Ok(error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_field",
-                    "after_seq must be a non-negative integer",
-                ))
-            }
-        },
-    };
-    let reset = req.conn_data::<ConnSocket>().map(ConnSocket::reset_handle);
-    Session::new(
-        user.into(),
-        state.router.clone(),
-        state.sessions.clone(),
-        resume,
-        reset,
-    )
-    .start(&req, stream)
+/// `GET /v1/agents`: what can be run, and the tools agents can call.
+async fn agents(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(refusal) = authenticate(&req, &state, None) {
+        return refusal;
+    }
+    let entry =
+        |(name, description): (&str, &str)| json!({"name": name, "description": description});
+    let agents: Vec<_> = state.catalog.agents().map(entry).collect();
+    let tools: Vec<_> = state.catalog.tools().list().map(entry).collect();
+    HttpResponse::Ok().json(json!({ "agents": agents, "tools": tools }))
 }
 
 #[derive(Deserialize)]

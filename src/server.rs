@@ -5,12 +5,14 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 use agentcast_actors::builtin;
+use agentcast_actors::metrics::Metrics;
 use agentcast_actors::registry::{ConnectionRegistry, RegistrySettings};
 use agentcast_actors::router::{Router, Shutdown};
 use agentcast_actors::session::SessionSettings;
@@ -27,7 +29,8 @@ const COMMAND_BURST: u32 = 100;
 pub struct Started {
     addrs: Vec<SocketAddr>,
     server: actix_web::dev::Server,
-    router: Router,
+    state: web::Data<AppState>,
+    drain: Duration,
     arbiters: Vec<Arbiter>,
 }
 
@@ -46,22 +49,23 @@ pub async fn start(config: Config) -> io::Result<Started> {
     let agents = Arbiter::new();
     let tools = Arbiter::new();
     let catalog = Arc::new(builtin::catalog().start(&tools.handle()));
-    let registry = ConnectionRegistry::new(
-        RegistrySettings {
-            replay_capacity: config.replay_capacity,
-            replay_ttl: Duration::from_secs(config.replay_ttl_secs),
-            max_runs_per_user: config.max_runs_per_user,
-            run_timeout: config.run_timeout(),
-            slow_consumer_grace: Duration::from_millis(config.slow_consumer_grace_ms),
-            shutdown_wait: Duration::from_secs(10),
-        },
-        catalog,
-        agents.handle(),
-    )
-    .start();
-    let router = Router::new(registry);
+    let metrics = Arc::new(Metrics::new());
+    let settings = RegistrySettings {
+        replay_capacity: config.replay_capacity,
+        replay_ttl: Duration::from_secs(config.replay_ttl_secs),
+        max_runs_per_user: config.max_runs_per_user,
+        run_timeout: config.run_timeout(),
+        slow_consumer_grace: Duration::from_millis(config.slow_consumer_grace_ms),
+        shutdown_wait: Duration::from_secs(10),
+        runs_per_minute: config.runs_per_minute,
+        max_connections_per_user: config.max_connections_per_user,
+    };
+    let registry =
+        ConnectionRegistry::new(settings, metrics.clone(), catalog.clone(), agents.handle())
+            .start();
     let state = web::Data::new(AppState {
-        router: router.clone(),
+        router: Router::new(registry),
+        catalog,
         sessions: SessionSettings {
             heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
@@ -69,15 +73,23 @@ pub async fn start(config: Config) -> io::Result<Started> {
             max_frame_bytes: config.max_frame_bytes,
             commands_per_sec: COMMANDS_PER_SEC,
             command_burst: COMMAND_BURST,
+            metrics: metrics.clone(),
         },
+        metrics,
         secret: config.secret().to_string(),
+        draining: AtomicBool::new(false),
     });
     let dev_mode = config.dev_mode();
     let workers = config.worker_count();
+    let max_body = config.max_frame_bytes;
+    let app_state = state.clone();
     let server = HttpServer::new(move || {
         App::new()
-            .app_data(state.clone())
-            .configure(|cfg| routes::configure(cfg, dev_mode))
+            .app_data(app_state.clone())
+            .wrap(actix_web::middleware::from_fn(
+                routes::refuse_while_draining,
+            ))
+            .configure(|cfg| routes::configure(cfg, dev_mode, max_body))
     })
     .workers(workers)
     .max_connections((config.max_connections / workers).max(1))
@@ -86,21 +98,32 @@ pub async fn start(config: Config) -> io::Result<Started> {
     .shutdown_timeout(5)
     .bind(bind)?;
     let addrs = server.addrs();
+    // Tools parse "listening on [ADDR" to find the port of a server bound to :0.
     log::info!(
-        "agentcast listening on {addrs:?}: {workers} workers, run timeout {} ms, {} runs per user, \
-         replay {} events / {} s, outbound queue {}, heartbeat {} ms, idle timeout {} ms",
+        "agentcast listening on {addrs:?}: {workers} workers, run timeout {} ms, {} runs and {} \
+         connections per user, {} run starts per minute, replay {} events / {} s, outbound queue {}, \
+         slow-consumer grace {} ms, max frame {} bytes, heartbeat {} ms, idle timeout {} ms, drain {} s, \
+         {} connections at most, {}",
         config.run_timeout_ms,
         config.max_runs_per_user,
+        config.max_connections_per_user,
+        config.runs_per_minute,
         config.replay_capacity,
         config.replay_ttl_secs,
         config.outbound_queue,
+        config.slow_consumer_grace_ms,
+        config.max_frame_bytes,
         config.heartbeat_interval_ms,
         config.idle_timeout_ms,
+        config.drain_secs,
+        config.max_connections,
+        if dev_mode { "DEV MODE" } else { "secret set" },
     );
     Ok(Started {
         addrs,
         server: server.run(),
-        router,
+        state,
+        drain: Duration::from_secs(config.drain_secs),
         arbiters: vec![agents, tools],
     })
 }
@@ -115,11 +138,21 @@ impl Started {
     /// the listener shuts.
     pub async fn run_until(self, stop: impl Future<Output = ()> + 'static) -> io::Result<()> {
         let handle = self.server.handle();
-        let router = self.router;
+        let state = self.state;
+        let drain = self.drain;
         actix_web::rt::spawn(async move {
             stop.await;
-            log::info!("stopping: ending running runs");
-            if router.shutdown.send(Shutdown).await.is_err() {
+            log::info!("stopping: refusing new connections and runs, draining running runs");
+            state
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            if state
+                .router
+                .shutdown
+                .send(Shutdown { drain })
+                .await
+                .is_err()
+            {
                 log::error!("the registry was gone before shutdown");
             }
             handle.stop(true).await;

@@ -191,7 +191,10 @@ async fn responsive_connection_stays_open_past_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_cancels_running_runs_then_closes_with_1001() {
-    let server = start(test_config());
+    // No drain time: running runs are cancelled at once (tests/drain.rs covers the drain).
+    let mut cfg = test_config();
+    cfg.drain_secs = 0;
+    let server = start(cfg);
     let mut c = Client::connect(&server, "alice").await;
     let mut other = Client::connect(&server, "bob").await;
     let run = c
@@ -249,7 +252,10 @@ async fn stop_cancels_running_runs_then_closes_with_1001() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_closes_an_open_tool_call_before_agent_completed() {
-    let server = start(test_config());
+    // No drain time: running runs are cancelled at once (tests/drain.rs covers the drain).
+    let mut cfg = test_config();
+    cfg.drain_secs = 0;
+    let server = start(cfg);
     let mut c = Client::connect(&server, "alice").await;
     let run = c
         .start_run(

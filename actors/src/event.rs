@@ -92,14 +92,19 @@ pub enum EventData {
 impl EventData {
     /// The event's `type` on the wire.
     pub fn kind(&self) -> &'static str {
+        crate::metrics::EVENT_TYPES[self.kind_index()]
+    }
+
+    /// A small number per type, for per-type counters.
+    pub fn kind_index(&self) -> usize {
         match self {
-            EventData::AgentStarted { .. } => "agent_started",
-            EventData::AgentThinking { .. } => "agent_thinking",
-            EventData::PartialResult { .. } => "partial_result",
-            EventData::ToolExecuting { .. } => "tool_executing",
-            EventData::ToolProgress { .. } => "tool_progress",
-            EventData::ToolCompleted { .. } => "tool_completed",
-            EventData::AgentCompleted { .. } => "agent_completed",
+            EventData::AgentStarted { .. } => 0,
+            EventData::AgentThinking { .. } => 1,
+            EventData::PartialResult { .. } => 2,
+            EventData::ToolExecuting { .. } => 3,
+            EventData::ToolProgress { .. } => 4,
+            EventData::ToolCompleted { .. } => 5,
+            EventData::AgentCompleted { .. } => 6,
         }
     }
 }
@@ -109,7 +114,11 @@ impl EventData {
 #[derive(Debug, Clone)]
 pub struct Frame {
     pub seq: u64,
+    /// The event's `type`.
+    pub kind: &'static str,
     pub text: ByteString,
+    /// When the event was emitted (its `ts`), for the delivery-latency histogram.
+    pub emitted: SystemTime,
 }
 
 #[derive(Serialize)]
@@ -146,7 +155,9 @@ pub fn encode(
     });
     Frame {
         seq,
+        kind: data.kind(),
         text: ByteString::from(text),
+        emitted: at,
     }
 }
 

@@ -18,6 +18,7 @@ pub mod event;
 pub mod executor;
 pub mod ids;
 pub mod ledger;
+pub mod metrics;
 mod panic;
 pub mod protocol;
 pub mod rate;
@@ -26,6 +27,7 @@ pub mod replay;
 pub mod router;
 pub mod run;
 pub mod session;
+pub mod sse;
 pub mod tool;
 pub mod tools;
 

@@ -11,10 +11,10 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    pub fn new(burst: u32, per_sec: u32, now: Instant) -> Self {
+    pub fn new(burst: u32, per_sec: f64, now: Instant) -> Self {
         TokenBucket {
             capacity: burst as f64,
-            per_sec: per_sec as f64,
+            per_sec,
             tokens: burst as f64,
             last: now,
         }
@@ -41,7 +41,7 @@ mod tests {
     #[test]
     fn burst_then_steady_rate() {
         let t0 = Instant::now();
-        let mut b = TokenBucket::new(3, 10, t0);
+        let mut b = TokenBucket::new(3, 10.0, t0);
         assert!(b.take(t0).is_ok());
         assert!(b.take(t0).is_ok());
         assert!(b.take(t0).is_ok());

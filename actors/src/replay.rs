@@ -63,6 +63,13 @@ impl ReplayBuffer {
         self.entries.is_empty()
     }
 
+    /// The frame with this `seq`, if still kept.
+    pub fn get(&self, seq: u64) -> Option<&Frame> {
+        let oldest = self.entries.front()?.1.seq;
+        let index = seq.checked_sub(oldest)?;
+        self.entries.get(index as usize).map(|(_, f)| f)
+    }
+
     /// What a client that cannot be served is told, given the user's `last_seq`.
     pub fn gap(&self, last_seq: u64) -> Gap {
         let oldest_seq = self.entries.front().map_or(last_seq + 1, |(_, f)| f.seq);
@@ -106,7 +113,9 @@ mod tests {
     fn frame(seq: u64) -> Frame {
         Frame {
             seq,
+            kind: "agent_thinking",
             text: ByteString::from(format!("e{seq}")),
+            emitted: std::time::SystemTime::now(),
         }
     }
 
@@ -149,6 +158,15 @@ mod tests {
         );
         // Nothing missing when the client already has everything, even with a short buffer.
         assert!(b.range(10, 10, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn get_finds_kept_frames_only() {
+        let b = filled(10, 4);
+        assert_eq!(b.get(7).map(|f| f.seq), Some(7));
+        assert_eq!(b.get(10).map(|f| f.seq), Some(10));
+        assert!(b.get(6).is_none());
+        assert!(b.get(11).is_none());
     }
 
     #[test]

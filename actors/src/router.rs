@@ -7,14 +7,14 @@
 //! replay) answers the same ones and slots in through [`Router::new`] without touching sessions
 //! or agents.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use actix::prelude::*;
 use serde_json::Value;
 
-use crate::event::{EventData, Frame};
+use crate::event::{EventData, Frame, RunStatus};
 use crate::ids::{RunId, UserId};
 use crate::replay::Gap;
 
@@ -40,10 +40,21 @@ pub struct ResumeFrom {
     pub epoch: Option<String>,
 }
 
+/// State a session shares with the registry.
+#[derive(Debug, Default)]
+pub struct SessionShared {
+    /// Set by the registry when it drops the session; the session then discards what is
+    /// still queued for it.
+    pub cut: AtomicBool,
+    /// Events the session has written: with the registry's count of events sent, the depth
+    /// of its outbound queue.
+    pub written: AtomicU64,
+}
+
 /// A session joins its user. Answered with what `welcome` needs and, when `resume` is set,
 /// the replay; from the moment this is handled the session receives every new event.
 #[derive(Message)]
-#[rtype(result = "Connected")]
+#[rtype(result = "Result<Connected, ConnectRefused>")]
 pub struct Connect {
     pub user: UserId,
     /// Server-unique key of the session.
@@ -51,11 +62,15 @@ pub struct Connect {
     /// The session's mailbox, stored once: events go through `try_send` on it, so a full
     /// mailbox means a slow consumer.
     pub push: Recipient<Push>,
-    /// Set by the registry when it drops the session; the session then discards what is
-    /// still queued for it.
-    pub cut: Arc<AtomicBool>,
+    pub shared: Arc<SessionShared>,
     pub reset: Option<ResetHandle>,
     pub resume: Option<ResumeFrom>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectRefused {
+    /// The user already has `--max-connections-per-user` connections.
+    TooManyConnections(usize),
 }
 
 #[derive(Debug)]
@@ -88,6 +103,10 @@ pub enum StartRefused {
     UnknownAgent,
     InvalidInput(String),
     TooManyRuns(usize),
+    /// More than `--runs-per-minute` starts; a token is back after this long.
+    RateLimited {
+        retry_after_ms: u64,
+    },
     ShuttingDown,
 }
 
@@ -113,11 +132,41 @@ pub struct Replay {
     pub epoch: Option<String>,
 }
 
-/// Stop: no new runs, running runs end (cancelled), then every session is told to close.
-/// Answered once that has happened.
+/// Stop: no new runs; running runs get `drain` to finish and are then cancelled; then every
+/// session is told to close. Answered once that has happened.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Shutdown;
+pub struct Shutdown {
+    pub drain: std::time::Duration,
+}
+
+/// One of `user`'s runs as it stands (`GET /v1/runs/{id}`); `None` for another user's run.
+#[derive(Message)]
+#[rtype(result = "Option<RunView>")]
+pub struct InspectRun {
+    pub user: UserId,
+    pub run_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunView {
+    pub run_id: RunId,
+    pub agent: String,
+    pub thread_id: Option<Arc<str>>,
+    /// `None` while running.
+    pub status: Option<RunStatus>,
+    pub started_at: SystemTime,
+    pub ended_at: Option<SystemTime>,
+    /// The run's events so far, in order (at most `--replay-capacity`).
+    pub events: Vec<Frame>,
+    /// Older events were not kept.
+    pub truncated: bool,
+}
+
+/// Brings the gauges in the metrics up to date (before a scrape).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RefreshGauges;
 
 /// What the registry sends a session.
 #[derive(Message, Debug)]
@@ -143,6 +192,8 @@ pub struct Router {
     pub replay: Recipient<Replay>,
     pub emit: Recipient<Emit>,
     pub shutdown: Recipient<Shutdown>,
+    pub inspect_run: Recipient<InspectRun>,
+    pub refresh_gauges: Recipient<RefreshGauges>,
 }
 
 impl Router {
@@ -155,7 +206,9 @@ impl Router {
             + Handler<CancelRun>
             + Handler<Replay>
             + Handler<Emit>
-            + Handler<Shutdown>,
+            + Handler<Shutdown>
+            + Handler<InspectRun>
+            + Handler<RefreshGauges>,
     {
         Router {
             connect: addr.clone().recipient(),
@@ -164,7 +217,9 @@ impl Router {
             cancel_run: addr.clone().recipient(),
             replay: addr.clone().recipient(),
             emit: addr.clone().recipient(),
-            shutdown: addr.recipient(),
+            shutdown: addr.clone().recipient(),
+            inspect_run: addr.clone().recipient(),
+            refresh_gauges: addr.recipient(),
         }
     }
 }

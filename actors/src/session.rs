@@ -11,7 +11,7 @@
 //! `resume`) are handled the same way, one at a time, so an `ack` precedes the run's first
 //! event on the connection that started it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use actix::prelude::*;
 use actix_web_actors::ws;
 
 use crate::ids::{random_id, UserId};
+use crate::metrics::Metrics;
 use crate::protocol::{
     parse_client_frame, ClientFrame, Command, Control, ErrorCode, PROTOCOL_VERSION,
 };
@@ -35,6 +36,7 @@ pub struct SessionSettings {
     pub max_frame_bytes: usize,
     pub commands_per_sec: u32,
     pub command_burst: u32,
+    pub metrics: Arc<Metrics>,
 }
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
@@ -47,7 +49,7 @@ pub struct Session {
     settings: SessionSettings,
     resume: Option<ResumeFrom>,
     reset: Option<ResetHandle>,
-    cut: Arc<AtomicBool>,
+    shared: Arc<SessionShared>,
     last_heard: Instant,
     /// The newest `seq` this connection has been sent.
     last_seq: u64,
@@ -73,12 +75,16 @@ impl Session {
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             id: random_id("ses_", 16),
             user,
-            commands: TokenBucket::new(settings.command_burst, settings.commands_per_sec, now),
+            commands: TokenBucket::new(
+                settings.command_burst,
+                settings.commands_per_sec as f64,
+                now,
+            ),
             router,
             settings,
             resume,
             reset,
-            cut: Arc::new(AtomicBool::new(false)),
+            shared: Arc::default(),
             last_heard: now,
             last_seq: 0,
             covered_from: 0,
@@ -270,6 +276,17 @@ impl Session {
                                 ErrorCode::TooManyRuns,
                                 &format!("{limit} runs are already running for this user"),
                             ),
+                            Ok(Err(StartRefused::RateLimited { retry_after_ms })) => act.send(
+                                ctx,
+                                Control::Error {
+                                    request_id: rid,
+                                    code: ErrorCode::RateLimited,
+                                    message: "too many runs started in the last minute",
+                                    oldest_seq: None,
+                                    last_seq: None,
+                                    retry_after_ms: Some(retry_after_ms),
+                                },
+                            ),
                             Ok(Err(StartRefused::ShuttingDown)) => act.refuse(
                                 ctx,
                                 rid,
@@ -405,13 +422,22 @@ impl Actor for Session {
             user: self.user.clone(),
             key: self.key,
             push: ctx.address().recipient(),
-            cut: self.cut.clone(),
+            shared: self.shared.clone(),
             reset: self.reset.clone(),
             resume: self.resume.clone(),
         };
         ctx.wait(actix::fut::wrap_future(self.router.connect.send(join)).map(
             |answer, act: &mut Self, ctx| match answer {
-                Ok(joined) => act.joined(joined, ctx),
+                Ok(Ok(joined)) => act.joined(joined, ctx),
+                Ok(Err(ConnectRefused::TooManyConnections(limit))) => {
+                    act.settings
+                        .metrics
+                        .refused_connections
+                        .with_label_values(&["too_many_connections"])
+                        .inc();
+                    let why = format!("too many connections for this user (at most {limit})");
+                    Self::close(ctx, ws::CloseCode::Policy, &why)
+                }
                 Err(_) => Self::close(ctx, ws::CloseCode::Error, "the event router is unavailable"),
             },
         ));
@@ -431,8 +457,15 @@ impl Handler<Push> for Session {
     fn handle(&mut self, msg: Push, ctx: &mut Self::Context) {
         match msg {
             Push::Event(frame) => {
-                if !self.cut.load(Ordering::Relaxed) {
+                if !self.shared.cut.load(Ordering::Relaxed) {
+                    self.shared.written.fetch_add(1, Ordering::Relaxed);
                     self.last_seq = frame.seq;
+                    if let Ok(latency) = frame.emitted.elapsed() {
+                        self.settings
+                            .metrics
+                            .delivery_latency
+                            .observe(latency.as_secs_f64());
+                    }
                     ctx.text(frame.text);
                 }
             }

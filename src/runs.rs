@@ -1,0 +1,191 @@
+//! The runs API over plain HTTP (PROTOCOL.md §7): start, inspect and cancel runs. Events
+//! still go to the user's connections; this is for callers that are not one (a backend
+//! starting a run for a user, a page reloading a run's history). Another user's run is a
+//! 404, never a 403: its existence is not revealed.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use agentcast_actors::protocol::{parse_client_frame, Command};
+use agentcast_actors::router::{CancelRun, InspectRun, RunNotFound, StartRefused, StartRun};
+use serde_json::{json, Value};
+
+use crate::routes::{authenticate, error, AppState};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/runs", web::post().to(start))
+        .route("/v1/runs/{run_id}", web::get().to(inspect))
+        .route("/v1/runs/{run_id}/cancel", web::post().to(cancel));
+}
+
+fn unavailable() -> HttpResponse {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the event router is unavailable",
+    )
+}
+
+fn not_found() -> HttpResponse {
+    error(StatusCode::NOT_FOUND, "run_not_found", "no such run")
+}
+
+/// `POST /v1/runs` `{agent, input, thread_id?}` → 202 `{run_id}`.
+async fn start(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let user = match authenticate(&req, &state, None) {
+        Ok(user) => user,
+        Err(refusal) => return refusal,
+    };
+    // The same parser as the WebSocket's start_run, so both refuse the same things.
+    let mut frame = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(obj)) => obj,
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                "the body must be a JSON object",
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                &format!("not valid JSON: {e}"),
+            )
+        }
+    };
+    frame.insert("type".into(), json!("start_run"));
+    frame.remove("request_id");
+    let (agent, input, thread_id) = match parse_client_frame(&Value::Object(frame).to_string()) {
+        Ok(parsed) => match parsed.command {
+            Command::StartRun {
+                agent,
+                input,
+                thread_id,
+            } => (agent, input, thread_id),
+            _ => return error(StatusCode::BAD_REQUEST, "invalid_field", "not a run"),
+        },
+        Err(refusal) => {
+            let code = serde_json::to_value(refusal.code).unwrap_or(Value::Null);
+            return error(
+                StatusCode::BAD_REQUEST,
+                code.as_str().unwrap_or("invalid_field"),
+                &refusal.message,
+            );
+        }
+    };
+    let ask = StartRun {
+        user: user.into(),
+        agent,
+        input,
+        thread_id,
+    };
+    match state.router.start_run.send(ask).await {
+        Ok(Ok(run_id)) => HttpResponse::Accepted().json(json!({ "run_id": &*run_id })),
+        Ok(Err(refused)) => start_refused(refused),
+        Err(_) => unavailable(),
+    }
+}
+
+fn start_refused(refused: StartRefused) -> HttpResponse {
+    match refused {
+        StartRefused::UnknownAgent => error(
+            StatusCode::BAD_REQUEST,
+            "unknown_agent",
+            "no agent by that name; see GET /v1/agents",
+        ),
+        StartRefused::InvalidInput(why) => error(StatusCode::BAD_REQUEST, "invalid_field", &why),
+        StartRefused::TooManyRuns(limit) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_runs",
+            &format!("{limit} runs are already running for this user"),
+        ),
+        StartRefused::RateLimited { retry_after_ms } => HttpResponse::TooManyRequests()
+            .insert_header(("Retry-After", retry_after_ms.div_ceil(1000).to_string()))
+            .json(json!({
+                "code": "rate_limited",
+                "message": "too many runs started in the last minute",
+                "retry_after_ms": retry_after_ms,
+            })),
+        StartRefused::ShuttingDown => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal",
+            "the server is shutting down",
+        ),
+    }
+}
+
+/// `GET /v1/runs/{run_id}`: the run's status, timings and events so far.
+async fn inspect(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let user = match authenticate(&req, &state, None) {
+        Ok(user) => user,
+        Err(refusal) => return refusal,
+    };
+    let ask = InspectRun {
+        user: user.into(),
+        run_id: path.into_inner(),
+    };
+    let run = match state.router.inspect_run.send(ask).await {
+        Ok(Some(run)) => run,
+        Ok(None) => return not_found(),
+        Err(_) => return unavailable(),
+    };
+    let rfc3339 = |t| humantime::format_rfc3339_micros(t).to_string();
+    let duration_ms = run
+        .ended_at
+        .and_then(|end| end.duration_since(run.started_at).ok())
+        .map(|d| d.as_millis() as u64);
+    let head = json!({
+        "run_id": &*run.run_id,
+        "agent": run.agent,
+        "thread_id": run.thread_id.as_deref(),
+        "status": run.status.map_or("running", |s| s.as_str()),
+        "started_at": rfc3339(run.started_at),
+        "ended_at": run.ended_at.map(rfc3339),
+        "duration_ms": duration_ms,
+        "truncated": run.truncated,
+    });
+    // The events are already encoded: splice their text in rather than re-encoding them.
+    let mut body = head.to_string();
+    body.pop();
+    body.push_str(",\"events\":[");
+    for (i, frame) in run.events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&frame.text);
+    }
+    body.push_str("]}");
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body)
+}
+
+/// `POST /v1/runs/{run_id}/cancel`: as `cancel_run`.
+async fn cancel(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let user = match authenticate(&req, &state, None) {
+        Ok(user) => user,
+        Err(refusal) => return refusal,
+    };
+    let run_id = path.into_inner();
+    match state
+        .router
+        .cancel_run
+        .send(CancelRun {
+            user: user.into(),
+            run_id: run_id.clone(),
+        })
+        .await
+    {
+        Ok(Ok(())) => HttpResponse::Accepted().json(json!({ "run_id": run_id })),
+        Ok(Err(RunNotFound)) => not_found(),
+        Err(_) => unavailable(),
+    }
+}

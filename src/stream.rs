@@ -1,0 +1,95 @@
+//! The two ways to receive a user's run events: the WebSocket (`GET /v1/ws`, a
+//! [`Session`]) and Server-Sent Events (`GET /v1/events`, an [`SseSession`]). Both check the
+//! token and the resume point here, before anything is streamed, and join the registry the
+//! same way.
+
+use actix::Actor;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use agentcast_actors::session::Session;
+use agentcast_actors::sse::SseSession;
+
+use crate::routes::{authenticate, error, AppState, StreamQuery};
+use crate::socket::ConnSocket;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/ws", web::get().to(websocket))
+        .route("/v1/events", web::get().to(events));
+}
+
+async fn websocket(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let query = match StreamQuery::parse(&req) {
+        Ok(q) => q,
+        Err(refusal) => return Ok(refusal),
+    };
+    let user = match authenticate(&req, &state, query.token.as_deref()) {
+        Ok(user) => user,
+        Err(refusal) => return Ok(refusal),
+    };
+    let resume = match query.resume(None) {
+        Ok(resume) => resume,
+        Err(refusal) => return Ok(refusal),
+    };
+    let reset = req.conn_data::<ConnSocket>().map(ConnSocket::reset_handle);
+    Session::new(
+        user.into(),
+        state.router.clone(),
+        state.sessions.clone(),
+        resume,
+        reset,
+    )
+    .start(&req, stream)
+}
+
+/// `GET /v1/events`: Server-Sent Events. `Last-Event-ID` (or `?after_seq=`) resumes.
+async fn events(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let query = match StreamQuery::parse(&req) {
+        Ok(q) => q,
+        Err(refusal) => return refusal,
+    };
+    let user = match authenticate(&req, &state, query.token.as_deref()) {
+        Ok(user) => user,
+        Err(refusal) => return refusal,
+    };
+    let last_event_id = match req.headers().get("Last-Event-ID").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "Last-Event-ID must be a seq",
+            )
+        }
+    };
+    let resume = match query.resume(last_event_id) {
+        Ok(resume) => resume,
+        Err(refusal) => return refusal,
+    };
+    let reset = req.conn_data::<ConnSocket>().map(ConnSocket::reset_handle);
+    let (session, out) = SseSession::new(
+        user.into(),
+        state.router.clone(),
+        resume,
+        reset,
+        state.sessions.heartbeat_interval,
+        state.sessions.outbound_queue,
+        state.metrics.clone(),
+    );
+    session.start();
+    let body = futures_util::stream::unfold(out, |mut out| async move {
+        out.recv()
+            .await
+            .map(|bytes| (Ok::<_, actix_web::Error>(bytes), out))
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        // Tells nginx and similar proxies not to buffer the stream.
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body)
+}
