@@ -94,6 +94,9 @@ pub async fn start(config: Config) -> io::Result<Started> {
     .workers(workers)
     .max_connections((config.max_connections / workers).max(1))
     .on_connect(socket::on_connect)
+    // Notice at once when a client goes away mid-response (an SSE stream otherwise only
+    // learns it at its next write).
+    .h1_allow_half_closed(false)
     .disable_signals()
     .shutdown_timeout(5)
     .bind(bind)?;

@@ -476,6 +476,10 @@ impl Handler<Emit> for ConnectionRegistry {
         if let Some(status) = ended {
             run.ended = Some((now, msg.at, status));
         }
+        if let EventData::AgentStarted { .. } = msg.data {
+            // The run's start is its first event, not when the registry got round to noting it.
+            run.started_at = msg.at;
+        }
         let thread_id = run.thread_id.clone();
         let capacity = self.settings.replay_capacity;
         for data in closing.iter().chain(std::iter::once(&msg.data)) {

@@ -149,6 +149,13 @@ impl Actor for SseSession {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.outbound_queue);
+        // The HTTP layer drops the receiving end as soon as the client goes away: leave then,
+        // not at the next write, so the connection stops counting against the user at once.
+        let out = self.out.clone();
+        ctx.spawn(
+            actix::fut::wrap_future(async move { out.closed().await })
+                .map(|(), _: &mut Self, ctx| ctx.stop()),
+        );
         ctx.run_interval(self.heartbeat, |act, ctx| {
             if act.out.is_closed() {
                 return ctx.stop();

@@ -1,0 +1,782 @@
+//! Graceful drain (`--drain-secs`): on SIGTERM (the binary) or `RunningServer::stop()`, new
+//! requests get 503 (except /metrics), running runs get the drain time to finish, the rest are
+//! cancelled with code `shutdown`, then every connection is closed with 1001 and the process
+//! exits 0.
+
+#![allow(dead_code)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+// ---------------------------------------------------------------------------------------------
+// A small SSE client.
+
+/// One SSE block (the text between blank lines).
+#[derive(Debug, Clone)]
+struct Block {
+    /// The block's lines, as sent.
+    lines: Vec<String>,
+}
+
+impl Block {
+    fn is_comment(&self) -> bool {
+        self.lines.iter().all(|l| l.starts_with(':'))
+    }
+
+    fn field(&self, name: &str) -> Option<&str> {
+        let prefix = format!("{name}:");
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.strip_prefix(' ').unwrap_or(v))
+    }
+
+    fn data(&self) -> Value {
+        let data = self
+            .field("data")
+            .unwrap_or_else(|| panic!("SSE block without data: {self:?}"));
+        serde_json::from_str(data)
+            .unwrap_or_else(|e| panic!("SSE data is not JSON ({e}): {data:?}"))
+    }
+}
+
+struct Sse {
+    stream: TcpStream,
+    head: HttpResponse,
+    /// Bytes of the body not yet de-chunked.
+    raw: Vec<u8>,
+    /// De-chunked body text not yet split into blocks.
+    text: String,
+    /// The terminating chunk (or EOF) was seen.
+    ended: bool,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Sse {
+    /// `GET path` with these headers; panics unless the answer is a 200 with a chunked body.
+    async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
+        let fut = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            let mut req =
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+            for (n, v) in headers {
+                req.push_str(&format!("{n}: {v}\r\n"));
+            }
+            req.push_str("\r\n");
+            stream.write_all(req.as_bytes()).await?;
+            let mut buf = Vec::new();
+            let head_end = loop {
+                if let Some(i) = find(&buf, b"\r\n\r\n") {
+                    break i;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(std::io::Error::other(format!(
+                        "connection ended in the response head: {:?}",
+                        String::from_utf8_lossy(&buf)
+                    )));
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            let raw = buf[head_end + 4..].to_vec();
+            let mut lines = head.split("\r\n");
+            let status = lines
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let headers = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            Ok::<_, std::io::Error>((
+                stream,
+                HttpResponse {
+                    status,
+                    headers,
+                    body: String::new(),
+                },
+                raw,
+            ))
+        };
+        let (stream, head, raw) = match tokio::time::timeout(TIMEOUT, fut).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => panic!("GET {path}: {e}"),
+            Err(_) => panic!("GET {path}: no response head within {TIMEOUT:?}"),
+        };
+        assert_eq!(
+            head.status,
+            200,
+            "GET {path}: status {} (headers {:?}, start of body {:?})",
+            head.status,
+            head.headers,
+            String::from_utf8_lossy(&raw)
+        );
+        assert!(
+            head.header("transfer-encoding")
+                .is_some_and(|v| v.eq_ignore_ascii_case("chunked")),
+            "GET {path}: an event stream must be chunked, headers {:?}",
+            head.headers
+        );
+        Sse {
+            stream,
+            head,
+            raw,
+            text: String::new(),
+            ended: false,
+        }
+    }
+
+    /// De-chunks what has arrived.
+    fn decode(&mut self) {
+        while !self.ended {
+            let Some(line_end) = find(&self.raw, b"\r\n") else {
+                return;
+            };
+            let size_text = String::from_utf8_lossy(&self.raw[..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size line {size_text:?}"));
+            if size == 0 {
+                self.ended = true;
+                return;
+            }
+            if self.raw.len() < line_end + 2 + size + 2 {
+                return;
+            }
+            let data = &self.raw[line_end + 2..line_end + 2 + size];
+            self.text
+                .push_str(std::str::from_utf8(data).expect("SSE is UTF-8"));
+            assert_eq!(
+                &self.raw[line_end + 2 + size..line_end + 4 + size],
+                b"\r\n",
+                "chunk not followed by CRLF"
+            );
+            self.raw.drain(..line_end + 4 + size);
+        }
+    }
+
+    /// The next block, or None when the stream ended. Panics after TIMEOUT.
+    async fn next_block(&mut self) -> Option<Block> {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            self.decode();
+            if let Some(i) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..i + 2).collect();
+                let lines = block
+                    .trim_end_matches('\n')
+                    .split('\n')
+                    .map(str::to_string)
+                    .collect();
+                return Some(Block { lines });
+            }
+            if self.ended {
+                assert!(
+                    self.text.is_empty(),
+                    "the stream ended inside a block: {:?}",
+                    self.text
+                );
+                return None;
+            }
+            let mut chunk = [0u8; 8192];
+            let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => panic!(
+                    "reading the event stream failed: {e}; pending text {:?}",
+                    self.text
+                ),
+                Err(_) => panic!(
+                    "no complete SSE block within {TIMEOUT:?}; pending text {:?}",
+                    self.text
+                ),
+            };
+            if n == 0 {
+                self.ended = true;
+                assert!(
+                    self.raw.is_empty(),
+                    "the connection ended inside a chunk: {:?}",
+                    self.raw
+                );
+                continue;
+            }
+            self.raw.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next block that is not a comment. Panics if the stream ends.
+    async fn next_event(&mut self) -> Block {
+        loop {
+            match self.next_block().await {
+                Some(b) if b.is_comment() => continue,
+                Some(b) => return b,
+                None => panic!("the event stream ended"),
+            }
+        }
+    }
+
+    /// The welcome block, checked.
+    async fn welcome(&mut self, user: &str) -> Value {
+        let b = self.next_event().await;
+        assert_eq!(
+            b.lines.len(),
+            2,
+            "welcome block must be `event:` and `data:` lines: {b:?}"
+        );
+        assert_eq!(
+            b.lines[0], "event: welcome",
+            "first event is not welcome: {b:?}"
+        );
+        assert!(b.lines[1].starts_with("data: "), "{b:?}");
+        let w = b.data();
+        assert_eq!(w["type"], json!("welcome"), "{w}");
+        assert_eq!(w["user_id"], json!(user), "{w}");
+        assert_eq!(w["protocol"], json!(1), "{w}");
+        assert!(
+            w["session_id"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("ses_")),
+            "{w}"
+        );
+        assert!(w["epoch"].as_str().is_some_and(|s| !s.is_empty()), "{w}");
+        assert!(w["last_seq"].is_u64(), "{w}");
+        w
+    }
+}
+
+/// Asserts the block is exactly `id: <seq>`, `event: <type>`, `data: <json>` for this event.
+fn assert_event_block(b: &Block, expected: &Value) {
+    let seq = expected["seq"].as_u64().unwrap();
+    let ty = expected["type"].as_str().unwrap();
+    assert_eq!(
+        b.lines.len(),
+        3,
+        "an event block is id, event, data lines: {b:?}"
+    );
+    assert_eq!(
+        b.lines[0],
+        format!("id: {seq}"),
+        "id line of {expected}: {b:?}"
+    );
+    assert_eq!(
+        b.lines[1],
+        format!("event: {ty}"),
+        "event line of {expected}: {b:?}"
+    );
+    assert!(b.lines[2].starts_with("data: "), "data line: {b:?}");
+    assert_eq!(
+        &b.data(),
+        expected,
+        "SSE data differs from the WebSocket frame"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = (if y >= 0 { y } else { y - 399 }) / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// An event's `ts` (`YYYY-MM-DDTHH:MM:SS.ffffffZ`) in microseconds since the Unix epoch.
+fn ts_micros(ev: &Value) -> i64 {
+    let ts = ev["ts"].as_str().unwrap_or_else(|| panic!("no ts: {ev}"));
+    assert_eq!(ts.len(), 27, "ts {ts:?}");
+    let n = |a: usize, z: usize| {
+        ts[a..z]
+            .parse::<i64>()
+            .unwrap_or_else(|_| panic!("ts {ts:?}"))
+    };
+    (days_from_civil(n(0, 4), n(5, 7), n(8, 10)) * 86_400
+        + n(11, 13) * 3_600
+        + n(14, 16) * 60
+        + n(17, 19))
+        * 1_000_000
+        + n(20, 26)
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+fn ty(v: &Value) -> &str {
+    v["type"].as_str().unwrap_or("")
+}
+
+/// Reads frames (heartbeats skipped) into `log` until one matches `pred`; returns it. Panics,
+/// showing what was read, if the connection closes first.
+async fn read_until(
+    c: &mut Client,
+    log: &mut Vec<Value>,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let f = if !c.kept().is_empty() {
+            c.next_json().await
+        } else {
+            let msg = tokio::time::timeout_at(deadline, c.ws().next())
+                .await
+                .unwrap_or_else(|_| panic!("no {what} within {TIMEOUT:?}; read so far: {log:#?}"));
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    serde_json::from_str(t.as_str()).expect("JSON text frame")
+                }
+                Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => continue,
+                other => panic!("waiting for {what}, got {other:?}; read so far: {log:#?}"),
+            }
+        };
+        if ty(&f) == "heartbeat" {
+            continue;
+        }
+        log.push(f.clone());
+        if pred(&f) {
+            return f;
+        }
+    }
+}
+
+/// Like read_until, but done at once if a matching frame was already read into `log`.
+async fn read_until_seen(
+    c: &mut Client,
+    log: &mut Vec<Value>,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    if let Some(f) = log.iter().find(|f| pred(f)) {
+        return f.clone();
+    }
+    read_until(c, log, what, pred).await
+}
+
+fn run_events(log: &[Value], run_id: &str) -> Vec<Value> {
+    log.iter()
+        .filter(|f| f["run_id"] == json!(run_id) && f.get("seq").is_some())
+        .cloned()
+        .collect()
+}
+
+fn completed_of(run_id: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |f| ty(f) == "agent_completed" && f["run_id"] == json!(run_id)
+}
+
+/// The run ended cancelled by the shutdown: its open call closed with `shutdown`, then
+/// agent_completed cancelled/shutdown.
+fn assert_cancelled_by_shutdown(events: &[Value]) {
+    assert_run_shape(events);
+    let tool_done: Vec<&Value> = events
+        .iter()
+        .filter(|e| ty(e) == "tool_completed")
+        .collect();
+    assert_eq!(tool_done.len(), 1, "{events:?}");
+    assert_eq!(tool_done[0]["data"]["ok"], json!(false), "{}", tool_done[0]);
+    assert_eq!(
+        tool_done[0]["data"]["error"]["code"],
+        json!("shutdown"),
+        "{}",
+        tool_done[0]
+    );
+    let done = events.last().unwrap();
+    assert_eq!(done["data"]["status"], json!("cancelled"), "{done}");
+    assert_eq!(done["data"]["error"]["code"], json!("shutdown"), "{done}");
+    assert!(
+        events.iter().all(|e| ty(e) != "partial_result"),
+        "the script went on: {events:?}"
+    );
+}
+
+fn assert_succeeded(events: &[Value]) {
+    assert_run_shape(events);
+    let done = events.last().unwrap();
+    assert_eq!(
+        done["data"]["status"],
+        json!("succeeded"),
+        "a run that fits in the drain was not let finish: {events:?}"
+    );
+    assert!(
+        events.iter().all(|e| e["data"]["ok"] != json!(false)),
+        "{events:?}"
+    );
+}
+
+fn sleep_then_text(ms: u64, text: &str) -> Value {
+    scripted(json!([{"tool":"sleep","args":{"ms":ms}},{"text":text}]))
+}
+
+/// Every kind of new request answered 503 while draining; /metrics 200.
+async fn assert_refusing_new_requests(addr: SocketAddr, token: &str) {
+    let auth = format!("Bearer {token}");
+    let h: &[(&str, &str)] = &[("Authorization", auth.as_str())];
+    let (s, body) = http(addr, "GET", "/healthz", &[], "").await;
+    assert_eq!(s, 503, "GET /healthz while draining: {body:?}");
+    let (s, body) = http(
+        addr,
+        "POST",
+        "/v1/runs",
+        h,
+        &json!({"agent":"echo","input":"late"}).to_string(),
+    )
+    .await;
+    assert_eq!(s, 503, "POST /v1/runs while draining: {body:?}");
+    let (s, body) = http(addr, "GET", "/v1/agents", h, "").await;
+    assert_eq!(s, 503, "GET /v1/agents while draining: {body:?}");
+    let (s, body) = http(addr, "GET", "/v1/events", h, "").await;
+    assert_eq!(s, 503, "GET /v1/events while draining: {body:?}");
+    match Client::try_connect(&format!("ws://{addr}/v1/ws?token={token}"), None).await {
+        Ok(c) => panic!(
+            "a new WebSocket was accepted while draining: {}",
+            c.welcome()
+        ),
+        Err(e) => assert_eq!(
+            http_status(&e),
+            Some(503),
+            "WebSocket upgrade while draining: {}",
+            describe_error(&e)
+        ),
+    }
+    let (s, body) = http(addr, "GET", "/metrics", &[], "").await;
+    assert_eq!(s, 200, "GET /metrics while draining: {body:?}");
+    assert!(body.contains("agentcast_runs_running"), "{body}");
+}
+
+/// Polls /healthz (bounded) until the server says 503: the drain has begun.
+async fn wait_for_drain(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let (s, _) = http(addr, "GET", "/healthz", &[], "").await;
+        if s == 503 {
+            return;
+        }
+        assert_eq!(s, 200, "/healthz before the drain");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz never turned 503 after the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_runs_then_cancels_the_rest_closes_1001_and_exits_0() {
+    const DRAIN: Duration = Duration::from_secs(2);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"));
+    cmd.args(["serve", "--bind", &addr.to_string(), "--drain-secs", "2"])
+        .env("AGENTCAST_JWT_SECRET", SECRET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AGENTCAST_") && k != "AGENTCAST_JWT_SECRET" {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd.spawn().expect("spawning agentcast serve");
+    let pid = child.id().expect("child pid");
+
+    // Waiting for a child process to listen: bounded polling is the only way.
+    let mut healthy = false;
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("agentcast serve exited early: {status:?}");
+        }
+        if TcpStream::connect(addr).await.is_ok()
+            && http(addr, "GET", "/healthz", &[], "").await.0 == 200
+        {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        healthy,
+        "agentcast serve did not answer /healthz within 10 s"
+    );
+
+    let token = |user: &str| agentcast::auth::sign(SECRET, user, now_unix() + 3600);
+    let connect = |user: &'static str| {
+        let url = format!("ws://{addr}/v1/ws?token={}", token(user));
+        async move {
+            Client::try_connect(&url, None)
+                .await
+                .unwrap_or_else(|e| panic!("connecting as {user}: {}", describe_error(&e)))
+        }
+    };
+    let mut c = connect("alice").await;
+    let mut idle = connect("bob").await;
+
+    let short = c
+        .start_run("scripted", sleep_then_text(500, "short done"))
+        .await;
+    let long = c
+        .start_run("scripted", sleep_then_text(60_000, "never"))
+        .await;
+    let mut log = Vec::new();
+    for run in [&short, &long] {
+        read_until_seen(&mut c, &mut log, "tool_executing", |f| {
+            ty(f) == "tool_executing" && f["run_id"] == json!(run)
+        })
+        .await;
+    }
+
+    let sigterm_wall = now_micros();
+    let sigterm = Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("running kill");
+    assert!(kill.success(), "kill -TERM {pid} failed");
+
+    wait_for_drain(addr).await;
+    assert_refusing_new_requests(addr, &token("carol")).await;
+    // A start over an open connection is refused too.
+    let reply = c
+        .request(json!({"type":"start_run","agent":"echo","input":"late"}))
+        .await;
+    assert_eq!(
+        reply["type"],
+        json!("error"),
+        "start_run while draining: {reply}"
+    );
+    assert_eq!(
+        reply["code"],
+        json!("internal"),
+        "start_run while draining: {reply}"
+    );
+    // Open connections are still served during the drain.
+    idle.assert_alive().await;
+    assert!(
+        sigterm.elapsed() < Duration::from_millis(1500),
+        "the drain checks took {:?}: too slow to be inside the 2 s drain",
+        sigterm.elapsed()
+    );
+
+    // The short run finishes normally, after the SIGTERM.
+    read_until_seen(
+        &mut c,
+        &mut log,
+        "the short run's agent_completed",
+        completed_of(&short),
+    )
+    .await;
+    let short_events = run_events(&log, &short);
+    assert_succeeded(&short_events);
+    assert!(
+        ts_micros(short_events.last().unwrap()) > sigterm_wall,
+        "the short run ended before the SIGTERM: the test proves nothing"
+    );
+    // Connections stay open while a run is still running.
+    idle.assert_alive().await;
+
+    // The long one is cancelled when the drain time is up.
+    read_until_seen(
+        &mut c,
+        &mut log,
+        "the long run's agent_completed",
+        completed_of(&long),
+    )
+    .await;
+    let long_events = run_events(&log, &long);
+    assert_cancelled_by_shutdown(&long_events);
+    let cancelled_after = ts_micros(long_events.last().unwrap()) - sigterm_wall;
+    assert!(
+        cancelled_after >= DRAIN.as_micros() as i64 - 100_000,
+        "the long run was cancelled {} ms after SIGTERM, before the {DRAIN:?} drain was up",
+        cancelled_after / 1000
+    );
+    assert!(
+        cancelled_after <= DRAIN.as_micros() as i64 + 3_000_000,
+        "the long run was cancelled only {} ms after SIGTERM",
+        cancelled_after / 1000
+    );
+
+    // Then every connection is closed with 1001, with no frame of any run after that.
+    assert_eq!(
+        c.expect_close().await,
+        Some(1001),
+        "alice's connection after the drain"
+    );
+    assert!(
+        c.kept().iter().all(|f| f.get("seq").is_none()),
+        "run events after the last run's end: {:?}",
+        c.kept()
+    );
+    assert_eq!(
+        idle.expect_close().await,
+        Some(1001),
+        "bob's idle connection after the drain"
+    );
+    drop(c);
+    drop(idle);
+
+    let status = tokio::time::timeout_at(
+        (sigterm + DRAIN + Duration::from_secs(5)).into(),
+        child.wait(),
+    )
+    .await
+    .expect("agentcast serve did not exit within drain + 5 s of SIGTERM")
+    .expect("waiting for agentcast serve");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_with_drain_zero_cancels_running_runs_at_once() {
+    let server = start(agentcast::Config {
+        drain_secs: 0,
+        ..test_config()
+    });
+    let addr = server.addr();
+    let mut c = Client::connect(&server, "alice").await;
+    let auth = format!("Bearer {}", server.token("alice"));
+    let mut sse = Sse::open(addr, "/v1/events", &[("Authorization", auth.as_str())]).await;
+    sse.welcome("alice").await;
+    let run = c
+        .start_run("scripted", sleep_then_text(60_000, "never"))
+        .await;
+    let run2 = c
+        .start_run("scripted", sleep_then_text(500, "would fit a drain"))
+        .await;
+    let mut log = Vec::new();
+    for r in [&run, &run2] {
+        read_until_seen(&mut c, &mut log, "tool_executing", |f| {
+            ty(f) == "tool_executing" && f["run_id"] == json!(r)
+        })
+        .await;
+    }
+
+    let t0 = Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || server.stop());
+    for r in [&run, &run2] {
+        read_until_seen(&mut c, &mut log, "agent_completed", completed_of(r)).await;
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(400),
+        "with drain 0 the runs took {:?} to be cancelled",
+        t0.elapsed()
+    );
+    let e1 = run_events(&log, &run);
+    let e2 = run_events(&log, &run2);
+    assert_cancelled_by_shutdown(&e1);
+    assert_cancelled_by_shutdown(&e2);
+    assert_eq!(c.expect_close().await, Some(1001));
+    assert!(
+        c.kept().iter().all(|f| f.get("seq").is_none()),
+        "{:?}",
+        c.kept()
+    );
+
+    // The SSE stream got the same events, then ended.
+    let mut sse_events = Vec::new();
+    while let Some(b) = sse.next_block().await {
+        if !b.is_comment() {
+            sse_events.push(b.data());
+        }
+    }
+    let ws_events: Vec<Value> = log
+        .iter()
+        .filter(|f| f.get("seq").is_some())
+        .cloned()
+        .collect();
+    assert_eq!(sse_events, ws_events, "the SSE stream before its end");
+
+    tokio::time::timeout(TIMEOUT, stopping)
+        .await
+        .expect("RunningServer::stop() did not return in time")
+        .expect("stop panicked");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still listening after stop()"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_lets_runs_finish_within_the_drain_and_refuses_new_requests() {
+    let server = start(agentcast::Config {
+        drain_secs: 2,
+        ..test_config()
+    });
+    let addr = server.addr();
+    let token = server.token("alice");
+    let mut c = Client::connect(&server, "alice").await;
+    let auth = format!("Bearer {token}");
+    let mut sse = Sse::open(addr, "/v1/events", &[("Authorization", auth.as_str())]).await;
+    sse.welcome("alice").await;
+    let run = c
+        .start_run("scripted", sleep_then_text(300, "made it"))
+        .await;
+    let mut log = Vec::new();
+    read_until_seen(&mut c, &mut log, "tool_executing", |f| {
+        ty(f) == "tool_executing"
+    })
+    .await;
+
+    let stop_wall = now_micros();
+    let t0 = Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || server.stop());
+    wait_for_drain(addr).await;
+    assert_refusing_new_requests(addr, &token).await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "drain checks took {:?}",
+        t0.elapsed()
+    );
+
+    read_until_seen(&mut c, &mut log, "agent_completed", completed_of(&run)).await;
+    let events = run_events(&log, &run);
+    assert_succeeded(&events);
+    assert!(
+        ts_micros(events.last().unwrap()) > stop_wall,
+        "the run ended before stop(): the test proves nothing"
+    );
+    // Nothing left running: the server does not wait out the drain time.
+    assert_eq!(c.expect_close().await, Some(1001));
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "with no run left the connections were closed only {:?} after stop()",
+        t0.elapsed()
+    );
+    let mut sse_events = Vec::new();
+    while let Some(b) = sse.next_block().await {
+        if !b.is_comment() {
+            sse_events.push(b.data());
+        }
+    }
+    assert_eq!(sse_events, events, "the SSE stream before its end");
+    tokio::time::timeout(TIMEOUT, stopping)
+        .await
+        .expect("RunningServer::stop() did not return in time")
+        .expect("stop panicked");
+}
