@@ -1,11 +1,37 @@
 #!/usr/bin/env bash
 # The test command (README.md): installs what the tests need on a fresh Debian machine, then
-# runs every test. CI (.ci/run) calls exactly this. Anything missing fails loudly.
+# runs every test: unit, doc and integration tests (real servers on 127.0.0.1), the bench
+# harness at a small scale (zero-loss checks included), and the browser tests in Chromium.
+# CI (.ci/run) calls exactly this. Anything missing or failing stops it loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "FATAL: cargo not found: install Rust (rustup) first" >&2; exit 1; }
-echo "== $(cargo --version) on $(nproc) cores"
+
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  else
+    echo "FATAL: the browser tests need: ${missing[*]} (apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
+echo "== $(cargo --version), node $(node --version), $(/usr/bin/chromium --version 2>/dev/null), $(nproc) cores"
 
 echo "== unit, doc and integration tests"
 cargo test --workspace --locked
+
+if [ -f scripts/bench-smoke.sh ]; then
+  echo "== bench harness, small scale"
+  bash scripts/bench-smoke.sh
+fi
+
+echo "== browser tests"
+AGENTCAST_BIN=target/debug/agentcast bash tests/browser/run.sh
