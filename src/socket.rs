@@ -13,8 +13,9 @@ use agentcast_actors::router::ResetHandle;
 use socket2::SockRef;
 
 /// Requested kernel send buffer per connection; Linux doubles it. Without a cap a stalled
-/// client pins megabytes of kernel memory that RSS does not show.
-pub const SEND_BUFFER_BYTES: usize = 32 * 1024;
+/// client pins megabytes of kernel memory that RSS does not show. Much smaller and a fast
+/// reader on loopback (64 KiB segments) waits out the peer's delayed ACK after every segment.
+pub const SEND_BUFFER_BYTES: usize = 128 * 1024;
 
 /// A duplicate handle on a connection's socket, kept in the connection's extensions.
 #[derive(Clone)]

@@ -527,15 +527,15 @@ async fn slow_consumer_reading_within_grace_sees_4008() {
     let mut cfg = test_config();
     cfg.outbound_queue = 16;
     cfg.slow_consumer_grace_ms = 10_000;
-    cfg.max_frame_bytes = 1 << 20; // the 3000-step input is ~70 KB
+    cfg.max_frame_bytes = 1 << 20; // the 5000-step input is ~120 KB
     let server = start(cfg);
     let mut a = Client::connect(&server, "u").await;
     let (mut b, b_welcome) = stalled_client(&server, "u").await;
 
-    // 3000 small events (~155 B each, ~470 KB): far more than B's queue and the socket buffers
-    // (64 KiB kernel send buffer per docs/protocol-notes.md). Paced in bursts of 4 (well under
+    // 5000 small events (~155 B each, ~780 KB): far more than B's queue and the socket buffers
+    // (256 KiB kernel send buffer per docs/protocol-notes.md). Paced in bursts of 4 (well under
     // the 16-frame queue, even on a loaded machine), so that a client that reads keeps up.
-    let n = 3000;
+    let n = 5000;
     let mut steps = Vec::new();
     for i in 0..n {
         steps.push(json!({"text": format!("t{i}")}));
@@ -565,12 +565,12 @@ async fn slow_consumer_reading_within_grace_sees_4008() {
         End::Eof => panic!("within the grace period B must get close 4008, got EOF"),
         End::Reset(e) => panic!("within the grace period B must get close 4008, got {e}"),
     }
-    // What was already queued or in the kernel buffers (64 KiB send + ~8 KiB receive, 16
-    // frames) may still arrive; nothing beyond that. 192 KiB leaves room for the server's
+    // What was already queued or in the kernel buffers (256 KiB send + ~8 KiB receive, 16
+    // frames) may still arrive; nothing beyond that. 400 KiB leaves room for the server's
     // own write buffer.
     let b_bytes: usize = b_events.iter().map(|e| e.to_string().len()).sum();
     assert!(
-        b_bytes < 192 * 1024,
+        b_bytes < 400 * 1024,
         "B must be cut off at once: it got {} of {} events ({b_bytes} of {total_bytes} bytes)",
         b_events.len(),
         n + 2
