@@ -171,10 +171,17 @@ async fn agents(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Err(refusal) = authenticate(&req, &state, None) {
         return refusal;
     }
-    let entry =
-        |(name, description): (&str, &str)| json!({"name": name, "description": description});
-    let agents: Vec<_> = state.catalog.agents().map(entry).collect();
-    let tools: Vec<_> = state.catalog.tools().list().map(entry).collect();
+    let agents: Vec<_> = state
+        .catalog
+        .agents()
+        .map(|a| json!({"name": a.name(), "description": a.description(), "input": a.input_schema()}))
+        .collect();
+    let tools: Vec<_> = state
+        .catalog
+        .tools()
+        .list()
+        .map(|(name, description, args)| json!({"name": name, "description": description, "args": args}))
+        .collect();
     HttpResponse::Ok().json(json!({ "agents": agents, "tools": tools }))
 }
 

@@ -216,8 +216,14 @@ async fn agents_lists_the_builtin_agents_and_tools() {
         let list = b[key]
             .as_array()
             .unwrap_or_else(|| panic!("{key} is not an array: {b}"));
+        // Agents describe their input, tools their args, each as a JSON Schema.
+        let shape = if key == "agents" { "input" } else { "args" };
         for entry in list {
-            assert_keys(entry, &["name", "description"]);
+            assert_keys(entry, &["name", "description", shape]);
+            assert!(
+                entry[shape].is_object() || entry[shape] == true,
+                "{key} entry without a schema: {entry}"
+            );
             assert!(
                 entry["description"]
                     .as_str()
@@ -240,6 +246,10 @@ async fn agents_lists_the_builtin_agents_and_tools() {
     for t in ["calculator", "clock", "sleep", "fail", "panic"] {
         assert!(tools.contains(t), "tool {t} missing from {tools:?}");
     }
+    let echo = b["agents"].as_array().unwrap().iter().find(|a| a["name"] == "echo").unwrap();
+    assert_eq!(echo["input"], json!({"type": "string"}));
+    let calc = b["tools"].as_array().unwrap().iter().find(|t| t["name"] == "calculator").unwrap();
+    assert_eq!(calc["args"]["required"], json!(["expr"]));
 
     // Every agent listed can actually be started (the list is not decoration).
     let mut c = Client::connect(&server, "alice").await;

@@ -43,6 +43,11 @@ pub trait Agent: Send + Sync + 'static {
     /// One sentence for `GET /v1/agents`.
     fn description(&self) -> &'static str;
 
+    /// The shape of the input, as a JSON Schema, for `GET /v1/agents`.
+    fn input_schema(&self) -> Value {
+        Value::Bool(true)
+    }
+
     /// Refuses input before a run starts; the client gets `error` `invalid_field` with the
     /// message, and no run is created. `tools` says which tools exist.
     fn check_input(&self, _input: &Value, _tools: &Toolbox) -> Result<(), String> {

@@ -20,9 +20,9 @@ impl Catalog {
         self.agents.get(name).cloned()
     }
 
-    /// `(name, description)` of every agent, sorted by name.
-    pub fn agents(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
-        self.agents.values().map(|a| (a.name(), a.description()))
+    /// Every agent, sorted by name.
+    pub fn agents(&self) -> impl Iterator<Item = &Arc<dyn Agent>> + '_ {
+        self.agents.values()
     }
 
     pub fn tools(&self) -> &Arc<Toolbox> {
@@ -32,6 +32,7 @@ impl Catalog {
 
 struct ToolEntry {
     description: &'static str,
+    args_schema: serde_json::Value,
     executor: Addr<ToolExecutor>,
 }
 
@@ -49,9 +50,9 @@ impl Toolbox {
         self.tools.get(name).map(|t| &t.executor)
     }
 
-    /// `(name, description)` of every tool, sorted by name.
-    pub fn list(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
-        self.tools.iter().map(|(n, t)| (*n, t.description))
+    /// `(name, description, args schema)` of every tool, sorted by name.
+    pub fn list(&self) -> impl Iterator<Item = (&'static str, &'static str, &serde_json::Value)> + '_ {
+        self.tools.iter().map(|(n, t)| (*n, t.description, &t.args_schema))
     }
 }
 
@@ -97,6 +98,7 @@ impl CatalogBuilder {
                     probe.name(),
                     ToolEntry {
                         description: probe.description(),
+                        args_schema: probe.args_schema(),
                         executor,
                     },
                 )

@@ -44,6 +44,22 @@ pub struct RegistrySettings {
     pub max_connections_per_user: usize,
 }
 
+impl Default for RegistrySettings {
+    /// The server's defaults (PROTOCOL.md §9).
+    fn default() -> Self {
+        RegistrySettings {
+            replay_capacity: 10_000,
+            replay_ttl: Duration::from_secs(600),
+            max_runs_per_user: 16,
+            run_timeout: Duration::from_secs(300),
+            slow_consumer_grace: Duration::from_secs(5),
+            shutdown_wait: Duration::from_secs(10),
+            runs_per_minute: 120,
+            max_connections_per_user: 32,
+        }
+    }
+}
+
 /// Events waiting in the registry's mailbox before emitters have to wait.
 const MAILBOX: usize = 4096;
 

@@ -49,6 +49,11 @@ pub trait Tool: Send + Sync + 'static {
     /// One sentence for `GET /v1/agents`, saying what `args` it takes.
     fn description(&self) -> &'static str;
 
+    /// The shape of `args`, as a JSON Schema, for `GET /v1/agents`.
+    fn args_schema(&self) -> Value {
+        Value::Bool(true)
+    }
+
     /// Does the work; the value is `tool_completed.result`.
     async fn call(self: Arc<Self>, call: ToolCall, args: Value) -> Result<Value, ToolError>;
 }

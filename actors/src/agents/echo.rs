@@ -24,6 +24,10 @@ impl Agent for Echo {
         "Streams its input text back: agent_thinking, partial_result chunks, then the text. Input: a string."
     }
 
+    fn input_schema(&self) -> Value {
+        serde_json::json!({"type": "string"})
+    }
+
     fn check_input(&self, input: &Value, _tools: &Toolbox) -> Result<(), String> {
         match input {
             Value::String(_) => Ok(()),

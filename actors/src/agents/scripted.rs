@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::agent::{Agent, AgentError, AgentRun};
 use crate::catalog::Toolbox;
@@ -84,6 +84,22 @@ impl Agent for Scripted {
         "Runs the steps it is given in order: {\"steps\":[{\"think\":..},{\"text\":..},{\"tool\":NAME,\"args\":{..}},{\"sleep_ms\":N},{\"fail\":..},{\"panic\":true}]}; answers with the last text."
     }
 
+    fn input_schema(&self) -> Value {
+        let text = |key: &str| json!({"type": "object", "required": [key], "properties": {key: {"type": "string"}}});
+        json!({
+            "type": "object",
+            "required": ["steps"],
+            "properties": {"steps": {"type": "array", "items": {"oneOf": [
+                text("think"),
+                text("text"),
+                {"type": "object", "required": ["tool"], "properties": {"tool": {"type": "string"}, "args": {"type": "object"}}},
+                {"type": "object", "required": ["sleep_ms"], "properties": {"sleep_ms": {"type": "integer", "minimum": 0}}},
+                text("fail"),
+                {"type": "object", "required": ["panic"], "properties": {"panic": {"const": true}}},
+            ]}}},
+        })
+    }
+
     fn check_input(&self, input: &Value, tools: &Toolbox) -> Result<(), String> {
         for step in parse(input)? {
             if let Step::Tool { name, .. } = step {
@@ -121,7 +137,6 @@ impl Agent for Scripted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn parses_every_step_kind() {

@@ -24,6 +24,10 @@ impl Tool for Calculator {
         "Evaluates arithmetic: {\"expr\":\"(2+3)*4\"} with + - * / % ^ and parentheses; returns {\"value\":N}."
     }
 
+    fn args_schema(&self) -> Value {
+        json!({"type": "object", "required": ["expr"], "properties": {"expr": {"type": "string", "maxLength": MAX_LEN}}})
+    }
+
     async fn call(self: Arc<Self>, _call: ToolCall, args: Value) -> Result<Value, ToolError> {
         let expr = args
             .get("expr")

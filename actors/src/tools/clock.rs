@@ -20,6 +20,10 @@ impl Tool for Clock {
         "The current time: returns {\"now\": RFC 3339 UTC, \"unix_ms\": N}. No arguments."
     }
 
+    fn args_schema(&self) -> Value {
+        json!({"type": "object"})
+    }
+
     async fn call(self: Arc<Self>, _call: ToolCall, _args: Value) -> Result<Value, ToolError> {
         let now = SystemTime::now();
         let unix_ms = now

@@ -20,6 +20,10 @@ impl Tool for Fail {
         "Always fails with code tool_failed; {\"message\":\"...\"} sets the message."
     }
 
+    fn args_schema(&self) -> Value {
+        serde_json::json!({"type": "object", "properties": {"message": {"type": "string"}}})
+    }
+
     async fn call(self: Arc<Self>, _call: ToolCall, args: Value) -> Result<Value, ToolError> {
         let message = args
             .get("message")

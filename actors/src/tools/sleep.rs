@@ -25,6 +25,10 @@ impl Tool for Sleep {
         "Waits {\"ms\":N} milliseconds, reporting progress; returns {\"slept_ms\":N}."
     }
 
+    fn args_schema(&self) -> Value {
+        json!({"type": "object", "required": ["ms"], "properties": {"ms": {"type": "integer", "minimum": 0}}})
+    }
+
     async fn call(self: Arc<Self>, call: ToolCall, args: Value) -> Result<Value, ToolError> {
         let ms = args
             .get("ms")
