@@ -136,15 +136,15 @@ impl Started {
         &self.addrs
     }
 
-    /// Serves until `stop` resolves, then stops in order: running runs end with
-    /// `agent_completed`, every connection gets what was queued for it and close 1001, and
-    /// the listener shuts.
-    pub async fn run_until(self, stop: impl Future<Output = ()> + 'static) -> io::Result<()> {
+    /// Serves until `stop` resolves, then stops in order: running runs get the drain time
+    /// (`--drain-secs`, unless `stop` gives another) and then end with `agent_completed`,
+    /// every connection gets what was queued for it and close 1001, and the listener shuts.
+    pub async fn run_until(self, stop: impl Future<Output = Option<Duration>> + 'static) -> io::Result<()> {
         let handle = self.server.handle();
         let state = self.state;
-        let drain = self.drain;
+        let configured_drain = self.drain;
         actix_web::rt::spawn(async move {
-            stop.await;
+            let drain = stop.await.unwrap_or(configured_drain);
             log::info!("stopping: refusing new connections and runs, draining running runs");
             state
                 .draining
@@ -190,14 +190,21 @@ pub async fn termination() {
 /// Runs the server in this thread until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> io::Result<()> {
     actix::System::new()
-        .block_on(async move { start(config).await?.run_until(termination()).await })
+        .block_on(async move {
+            let stop = async {
+                termination().await;
+                None
+            };
+            start(config).await?.run_until(stop).await
+        })
 }
 
 /// A server on its own thread, for tests and embedding.
 pub struct RunningServer {
     addr: SocketAddr,
     secret: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Carries the drain time to stop with (`None`: the configured one).
+    stop: Option<tokio::sync::oneshot::Sender<Option<Duration>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -208,7 +215,7 @@ pub fn spawn(config: Config) -> io::Result<RunningServer> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let secret = config.secret().to_string();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Option<Duration>>();
     let thread = std::thread::Builder::new()
         .name("agentcast-server".into())
         .spawn(move || {
@@ -218,7 +225,8 @@ pub fn spawn(config: Config) -> io::Result<RunningServer> {
                         let _ = ready_tx.send(Ok(started.addrs()[0]));
                         if let Err(e) = started
                             .run_until(async move {
-                                let _ = stop_rx.await;
+                                // A dropped handle stops without draining.
+                                stop_rx.await.unwrap_or(Some(Duration::ZERO))
                             })
                             .await
                         {
@@ -261,14 +269,15 @@ impl RunningServer {
         auth::sign(&self.secret, user, auth::now_unix() + 3600)
     }
 
-    /// Stops in order (see [`Started::run_until`]) and waits for the server thread.
+    /// Stops in order, as on SIGTERM (see [`Started::run_until`]), and waits for the server
+    /// thread.
     pub fn stop(mut self) {
-        self.shut();
+        self.shut(None);
     }
 
-    fn shut(&mut self) {
+    fn shut(&mut self, drain: Option<Duration>) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(drain);
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -276,8 +285,10 @@ impl RunningServer {
     }
 }
 
+/// Dropping a running server stops it without a drain: running runs are cancelled at once
+/// (still with their `agent_completed`). `stop` drains.
 impl Drop for RunningServer {
     fn drop(&mut self) {
-        self.shut();
+        self.shut(Some(Duration::ZERO));
     }
 }
