@@ -4,17 +4,9 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-
-const WS_UPGRADE_HEADERS: [(&str, &str); 4] = [
-    ("Upgrade", "websocket"),
-    ("Connection", "Upgrade"),
-    ("Sec-WebSocket-Key", RAW_WS_KEY),
-    ("Sec-WebSocket-Version", "13"),
-];
 
 /// An upgrade request with these credentials must be refused with 401 before the upgrade, both as
 /// seen by a real WebSocket client and by a plain HTTP client (which checks the body and header).
@@ -441,11 +433,7 @@ async fn cli_token_command_prints_an_accepted_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_serve_shuts_down_on_sigterm_with_1001() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = free_local_addr();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"))
         .args(["serve", "--bind", &addr.to_string()])
         .env("AGENTCAST_JWT_SECRET", SECRET)
@@ -458,25 +446,7 @@ async fn cli_serve_shuts_down_on_sigterm_with_1001() {
         .expect("spawning agentcast serve");
     let pid = child.id().expect("child pid");
 
-    // Waiting for a child process to listen: bounded polling is the only way.
-    let mut healthy = false;
-    for _ in 0..100 {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("agentcast serve exited early: {status:?}");
-        }
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            let (status, _) = http(addr, "GET", "/healthz", &[], "").await;
-            if status == 200 {
-                healthy = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        healthy,
-        "agentcast serve did not answer /healthz within 10 s"
-    );
+    wait_until_healthy(&mut child, addr).await;
 
     let token = agentcast::auth::sign(SECRET, "dave", now_unix() + 3600);
     let mut c = Client::try_connect(&format!("ws://{addr}/v1/ws?token={token}"), None)

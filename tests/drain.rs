@@ -9,320 +9,13 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-
-// ---------------------------------------------------------------------------------------------
-// A small SSE client.
-
-/// One SSE block (the text between blank lines).
-#[derive(Debug, Clone)]
-struct Block {
-    /// The block's lines, as sent.
-    lines: Vec<String>,
-}
-
-impl Block {
-    fn is_comment(&self) -> bool {
-        self.lines.iter().all(|l| l.starts_with(':'))
-    }
-
-    fn field(&self, name: &str) -> Option<&str> {
-        let prefix = format!("{name}:");
-        self.lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .map(|v| v.strip_prefix(' ').unwrap_or(v))
-    }
-
-    fn data(&self) -> Value {
-        let data = self
-            .field("data")
-            .unwrap_or_else(|| panic!("SSE block without data: {self:?}"));
-        serde_json::from_str(data)
-            .unwrap_or_else(|e| panic!("SSE data is not JSON ({e}): {data:?}"))
-    }
-}
-
-struct Sse {
-    stream: TcpStream,
-    head: HttpResponse,
-    /// Bytes of the body not yet de-chunked.
-    raw: Vec<u8>,
-    /// De-chunked body text not yet split into blocks.
-    text: String,
-    /// The terminating chunk (or EOF) was seen.
-    ended: bool,
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-impl Sse {
-    /// `GET path` with these headers; panics unless the answer is a 200 with a chunked body.
-    async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
-        let fut = async {
-            let mut stream = TcpStream::connect(addr).await?;
-            let mut req =
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
-            for (n, v) in headers {
-                req.push_str(&format!("{n}: {v}\r\n"));
-            }
-            req.push_str("\r\n");
-            stream.write_all(req.as_bytes()).await?;
-            let mut buf = Vec::new();
-            let head_end = loop {
-                if let Some(i) = find(&buf, b"\r\n\r\n") {
-                    break i;
-                }
-                let mut chunk = [0u8; 4096];
-                let n = stream.read(&mut chunk).await?;
-                if n == 0 {
-                    return Err(std::io::Error::other(format!(
-                        "connection ended in the response head: {:?}",
-                        String::from_utf8_lossy(&buf)
-                    )));
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            };
-            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-            let raw = buf[head_end + 4..].to_vec();
-            let mut lines = head.split("\r\n");
-            let status = lines
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            let headers = lines
-                .filter_map(|l| l.split_once(':'))
-                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-                .collect();
-            Ok::<_, std::io::Error>((
-                stream,
-                HttpResponse {
-                    status,
-                    headers,
-                    body: String::new(),
-                },
-                raw,
-            ))
-        };
-        let (stream, head, raw) = match tokio::time::timeout(TIMEOUT, fut).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => panic!("GET {path}: {e}"),
-            Err(_) => panic!("GET {path}: no response head within {TIMEOUT:?}"),
-        };
-        assert_eq!(
-            head.status,
-            200,
-            "GET {path}: status {} (headers {:?}, start of body {:?})",
-            head.status,
-            head.headers,
-            String::from_utf8_lossy(&raw)
-        );
-        assert!(
-            head.header("transfer-encoding")
-                .is_some_and(|v| v.eq_ignore_ascii_case("chunked")),
-            "GET {path}: an event stream must be chunked, headers {:?}",
-            head.headers
-        );
-        Sse {
-            stream,
-            head,
-            raw,
-            text: String::new(),
-            ended: false,
-        }
-    }
-
-    /// De-chunks what has arrived.
-    fn decode(&mut self) {
-        while !self.ended {
-            let Some(line_end) = find(&self.raw, b"\r\n") else {
-                return;
-            };
-            let size_text = String::from_utf8_lossy(&self.raw[..line_end]).into_owned();
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
-                .unwrap_or_else(|_| panic!("bad chunk size line {size_text:?}"));
-            if size == 0 {
-                self.ended = true;
-                return;
-            }
-            if self.raw.len() < line_end + 2 + size + 2 {
-                return;
-            }
-            let data = &self.raw[line_end + 2..line_end + 2 + size];
-            self.text
-                .push_str(std::str::from_utf8(data).expect("SSE is UTF-8"));
-            assert_eq!(
-                &self.raw[line_end + 2 + size..line_end + 4 + size],
-                b"\r\n",
-                "chunk not followed by CRLF"
-            );
-            self.raw.drain(..line_end + 4 + size);
-        }
-    }
-
-    /// The next block, or None when the stream ended. Panics after TIMEOUT.
-    async fn next_block(&mut self) -> Option<Block> {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            self.decode();
-            if let Some(i) = self.text.find("\n\n") {
-                let block: String = self.text.drain(..i + 2).collect();
-                let lines = block
-                    .trim_end_matches('\n')
-                    .split('\n')
-                    .map(str::to_string)
-                    .collect();
-                return Some(Block { lines });
-            }
-            if self.ended {
-                assert!(
-                    self.text.is_empty(),
-                    "the stream ended inside a block: {:?}",
-                    self.text
-                );
-                return None;
-            }
-            let mut chunk = [0u8; 8192];
-            let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => panic!(
-                    "reading the event stream failed: {e}; pending text {:?}",
-                    self.text
-                ),
-                Err(_) => panic!(
-                    "no complete SSE block within {TIMEOUT:?}; pending text {:?}",
-                    self.text
-                ),
-            };
-            if n == 0 {
-                self.ended = true;
-                assert!(
-                    self.raw.is_empty(),
-                    "the connection ended inside a chunk: {:?}",
-                    self.raw
-                );
-                continue;
-            }
-            self.raw.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// The next block that is not a comment. Panics if the stream ends.
-    async fn next_event(&mut self) -> Block {
-        loop {
-            match self.next_block().await {
-                Some(b) if b.is_comment() => continue,
-                Some(b) => return b,
-                None => panic!("the event stream ended"),
-            }
-        }
-    }
-
-    /// The welcome block, checked.
-    async fn welcome(&mut self, user: &str) -> Value {
-        let b = self.next_event().await;
-        assert_eq!(
-            b.lines.len(),
-            2,
-            "welcome block must be `event:` and `data:` lines: {b:?}"
-        );
-        assert_eq!(
-            b.lines[0], "event: welcome",
-            "first event is not welcome: {b:?}"
-        );
-        assert!(b.lines[1].starts_with("data: "), "{b:?}");
-        let w = b.data();
-        assert_eq!(w["type"], json!("welcome"), "{w}");
-        assert_eq!(w["user_id"], json!(user), "{w}");
-        assert_eq!(w["protocol"], json!(1), "{w}");
-        assert!(
-            w["session_id"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("ses_")),
-            "{w}"
-        );
-        assert!(w["epoch"].as_str().is_some_and(|s| !s.is_empty()), "{w}");
-        assert!(w["last_seq"].is_u64(), "{w}");
-        w
-    }
-}
-
-/// Asserts the block is exactly `id: <seq>`, `event: <type>`, `data: <json>` for this event.
-fn assert_event_block(b: &Block, expected: &Value) {
-    let seq = expected["seq"].as_u64().unwrap();
-    let ty = expected["type"].as_str().unwrap();
-    assert_eq!(
-        b.lines.len(),
-        3,
-        "an event block is id, event, data lines: {b:?}"
-    );
-    assert_eq!(
-        b.lines[0],
-        format!("id: {seq}"),
-        "id line of {expected}: {b:?}"
-    );
-    assert_eq!(
-        b.lines[1],
-        format!("event: {ty}"),
-        "event line of {expected}: {b:?}"
-    );
-    assert!(b.lines[2].starts_with("data: "), "data line: {b:?}");
-    assert_eq!(
-        &b.data(),
-        expected,
-        "SSE data differs from the WebSocket frame"
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = (if y >= 0 { y } else { y - 399 }) / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// An event's `ts` (`YYYY-MM-DDTHH:MM:SS.ffffffZ`) in microseconds since the Unix epoch.
-fn ts_micros(ev: &Value) -> i64 {
-    let ts = ev["ts"].as_str().unwrap_or_else(|| panic!("no ts: {ev}"));
-    assert_eq!(ts.len(), 27, "ts {ts:?}");
-    let n = |a: usize, z: usize| {
-        ts[a..z]
-            .parse::<i64>()
-            .unwrap_or_else(|_| panic!("ts {ts:?}"))
-    };
-    (days_from_civil(n(0, 4), n(5, 7), n(8, 10)) * 86_400
-        + n(11, 13) * 3_600
-        + n(14, 16) * 60
-        + n(17, 19))
-        * 1_000_000
-        + n(20, 26)
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64
-}
-
-fn ty(v: &Value) -> &str {
-    v["type"].as_str().unwrap_or("")
-}
 
 /// Reads frames (heartbeats skipped) into `log` until one matches `pred`; returns it. Panics,
 /// showing what was read, if the connection closes first.
@@ -348,7 +41,7 @@ async fn read_until(
                 other => panic!("waiting for {what}, got {other:?}; read so far: {log:#?}"),
             }
         };
-        if ty(&f) == "heartbeat" {
+        if frame_type(&f) == "heartbeat" {
             continue;
         }
         log.push(f.clone());
@@ -379,7 +72,7 @@ fn run_events(log: &[Value], run_id: &str) -> Vec<Value> {
 }
 
 fn completed_of(run_id: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |f| ty(f) == "agent_completed" && f["run_id"] == json!(run_id)
+    move |f| frame_type(f) == "agent_completed" && f["run_id"] == json!(run_id)
 }
 
 /// The run ended cancelled by the shutdown: its open call closed with `shutdown`, then
@@ -388,7 +81,7 @@ fn assert_cancelled_by_shutdown(events: &[Value]) {
     assert_run_shape(events);
     let tool_done: Vec<&Value> = events
         .iter()
-        .filter(|e| ty(e) == "tool_completed")
+        .filter(|e| frame_type(e) == "tool_completed")
         .collect();
     assert_eq!(tool_done.len(), 1, "{events:?}");
     assert_eq!(tool_done[0]["data"]["ok"], json!(false), "{}", tool_done[0]);
@@ -402,7 +95,7 @@ fn assert_cancelled_by_shutdown(events: &[Value]) {
     assert_eq!(done["data"]["status"], json!("cancelled"), "{done}");
     assert_eq!(done["data"]["error"]["code"], json!("shutdown"), "{done}");
     assert!(
-        events.iter().all(|e| ty(e) != "partial_result"),
+        events.iter().all(|e| frame_type(e) != "partial_result"),
         "the script went on: {events:?}"
     );
 }
@@ -483,11 +176,7 @@ async fn wait_for_drain(addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_runs_then_cancels_the_rest_closes_1001_and_exits_0() {
     const DRAIN: Duration = Duration::from_secs(2);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = free_local_addr();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"));
     cmd.args(["serve", "--bind", &addr.to_string(), "--drain-secs", "2"])
         .env("AGENTCAST_JWT_SECRET", SECRET)
@@ -503,24 +192,7 @@ async fn sigterm_drains_runs_then_cancels_the_rest_closes_1001_and_exits_0() {
     let mut child = cmd.spawn().expect("spawning agentcast serve");
     let pid = child.id().expect("child pid");
 
-    // Waiting for a child process to listen: bounded polling is the only way.
-    let mut healthy = false;
-    for _ in 0..100 {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("agentcast serve exited early: {status:?}");
-        }
-        if TcpStream::connect(addr).await.is_ok()
-            && http(addr, "GET", "/healthz", &[], "").await.0 == 200
-        {
-            healthy = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        healthy,
-        "agentcast serve did not answer /healthz within 10 s"
-    );
+    wait_until_healthy(&mut child, addr).await;
 
     let token = |user: &str| agentcast::auth::sign(SECRET, user, now_unix() + 3600);
     let connect = |user: &'static str| {
@@ -543,7 +215,7 @@ async fn sigterm_drains_runs_then_cancels_the_rest_closes_1001_and_exits_0() {
     let mut log = Vec::new();
     for run in [&short, &long] {
         read_until_seen(&mut c, &mut log, "tool_executing", |f| {
-            ty(f) == "tool_executing" && f["run_id"] == json!(run)
+            frame_type(f) == "tool_executing" && f["run_id"] == json!(run)
         })
         .await;
     }
@@ -591,7 +263,7 @@ async fn sigterm_drains_runs_then_cancels_the_rest_closes_1001_and_exits_0() {
     let short_events = run_events(&log, &short);
     assert_succeeded(&short_events);
     assert!(
-        ts_micros(short_events.last().unwrap()) > sigterm_wall,
+        event_ts_micros(short_events.last().unwrap()) > sigterm_wall,
         "the short run ended before the SIGTERM: the test proves nothing"
     );
     // Connections stay open while a run is still running.
@@ -607,7 +279,7 @@ async fn sigterm_drains_runs_then_cancels_the_rest_closes_1001_and_exits_0() {
     .await;
     let long_events = run_events(&log, &long);
     assert_cancelled_by_shutdown(&long_events);
-    let cancelled_after = ts_micros(long_events.last().unwrap()) - sigterm_wall;
+    let cancelled_after = event_ts_micros(long_events.last().unwrap()) - sigterm_wall;
     assert!(
         cancelled_after >= DRAIN.as_micros() as i64 - 100_000,
         "the long run was cancelled {} ms after SIGTERM, before the {DRAIN:?} drain was up",
@@ -672,7 +344,7 @@ async fn stop_with_drain_zero_cancels_running_runs_at_once() {
     let mut log = Vec::new();
     for r in [&run, &run2] {
         read_until_seen(&mut c, &mut log, "tool_executing", |f| {
-            ty(f) == "tool_executing" && f["run_id"] == json!(r)
+            frame_type(f) == "tool_executing" && f["run_id"] == json!(r)
         })
         .await;
     }
@@ -739,7 +411,7 @@ async fn stop_lets_runs_finish_within_the_drain_and_refuses_new_requests() {
         .await;
     let mut log = Vec::new();
     read_until_seen(&mut c, &mut log, "tool_executing", |f| {
-        ty(f) == "tool_executing"
+        frame_type(f) == "tool_executing"
     })
     .await;
 
@@ -758,7 +430,7 @@ async fn stop_lets_runs_finish_within_the_drain_and_refuses_new_requests() {
     let events = run_events(&log, &run);
     assert_succeeded(&events);
     assert!(
-        ts_micros(events.last().unwrap()) > stop_wall,
+        event_ts_micros(events.last().unwrap()) > stop_wall,
         "the run ended before stop(): the test proves nothing"
     );
     // Nothing left running: the server does not wait out the drain time.

@@ -10,14 +10,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-/// The test config with no drain, so a server dropped with a run still running stops at once.
-fn config() -> agentcast::Config {
-    agentcast::Config {
-        drain_secs: 0,
-        ..test_config()
-    }
-}
-
 /// One HTTP request, authenticated as `user` with a Bearer token when `user` is Some.
 async fn api(
     server: &agentcast::RunningServer,
@@ -26,7 +18,7 @@ async fn api(
     user: Option<&str>,
     body: &str,
 ) -> HttpResponse {
-    let auth = user.map(|u| format!("Bearer {}", server.token(u)));
+    let auth = user.map(|u| bearer(server, u));
     let headers: Vec<(&str, &str)> = auth
         .as_deref()
         .map(|a| vec![("Authorization", a)])
@@ -104,63 +96,6 @@ fn assert_error(r: &HttpResponse, status: u16, code: &str, what: &str) -> Value 
     b
 }
 
-fn assert_keys(v: &Value, expected: &[&str]) {
-    let got: BTreeSet<&str> = v
-        .as_object()
-        .unwrap_or_else(|| panic!("expected a JSON object, got {v}"))
-        .keys()
-        .map(String::as_str)
-        .collect();
-    let want: BTreeSet<&str> = expected.iter().copied().collect();
-    assert_eq!(got, want, "exact keys of {v}");
-}
-
-fn is_run_id(s: &str) -> bool {
-    s.len() == 26 && s.starts_with("run_") && s[4..].bytes().all(|b| b.is_ascii_alphanumeric())
-}
-
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = (if y >= 0 { y } else { y - 399 }) / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` as microseconds since the Unix epoch; panics on other forms.
-fn ts_micros(ts: &str) -> i64 {
-    let b = ts.as_bytes();
-    assert_eq!(
-        b.len(),
-        27,
-        "time {ts:?} must look like 2026-11-22T01:02:03.456789Z"
-    );
-    for (i, c) in b.iter().enumerate() {
-        let ok = match i {
-            4 | 7 => *c == b'-',
-            10 => *c == b'T',
-            13 | 16 => *c == b':',
-            19 => *c == b'.',
-            26 => *c == b'Z',
-            _ => c.is_ascii_digit(),
-        };
-        assert!(ok, "time {ts:?}: unexpected character at index {i}");
-    }
-    let n = |a: usize, z: usize| ts[a..z].parse::<i64>().unwrap();
-    (days_from_civil(n(0, 4), n(5, 7), n(8, 10)) * 86_400
-        + n(11, 13) * 3_600
-        + n(14, 16) * 60
-        + n(17, 19))
-        * 1_000_000
-        + n(20, 26)
-}
-
-fn ty(v: &Value) -> &str {
-    v["type"].as_str().unwrap_or("")
-}
-
 fn events_of(b: &Value) -> Vec<Value> {
     b["events"].as_array().cloned().unwrap_or_default()
 }
@@ -206,7 +141,7 @@ fn assert_ended_view(view: &Value, status: &str, ws_events: &[Value]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_lists_the_builtin_agents_and_tools() {
-    let server = start(config());
+    let server = start(no_drain_config());
     let r = api(&server, "GET", "/v1/agents", Some("alice"), "").await;
     assert_eq!(r.status, 200, "GET /v1/agents: body {:?}", r.body);
     assert_json_content_type(&r, "GET /v1/agents");
@@ -276,7 +211,7 @@ async fn agents_lists_the_builtin_agents_and_tools() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_run_is_202_and_its_events_reach_only_the_owners_connections() {
-    let server = start(config());
+    let server = start(no_drain_config());
     let mut alice1 = Client::connect(&server, "alice").await;
     let mut alice2 = Client::connect(&server, "alice").await;
     let mut bob = Client::connect(&server, "bob").await;
@@ -352,7 +287,7 @@ async fn post_run_is_202_and_its_events_reach_only_the_owners_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_run_shows_running_then_the_final_status_with_the_websocket_events() {
-    let server = start(config());
+    let server = start(no_drain_config());
     let mut c = Client::connect(&server, "alice").await;
     let steps = json!([
         {"think":"planning"},
@@ -415,7 +350,7 @@ async fn get_run_shows_running_then_the_final_status_with_the_websocket_events()
         "GET while running lacks the tool_executing the WebSocket already had: {partial:?}"
     );
     assert!(
-        partial.iter().all(|e| ty(e) != "agent_completed"),
+        partial.iter().all(|e| frame_type(e) != "agent_completed"),
         "status running but agent_completed already in events: {partial:?}"
     );
 
@@ -448,7 +383,7 @@ async fn get_run_shows_running_then_the_final_status_with_the_websocket_events()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_started_without_a_connection_is_inspectable_and_replayable() {
-    let server = start(config());
+    let server = start(no_drain_config());
     let run_id = post_run(
         &server,
         "carol",
@@ -490,7 +425,7 @@ async fn run_started_without_a_connection_is_inspectable_and_replayable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_run_is_404_for_get_and_cancel_and_stays_untouched() {
-    let server = start(config());
+    let server = start(no_drain_config());
     let mut alice = Client::connect(&server, "alice").await;
     let run_id = post_run(
         &server,
@@ -559,7 +494,7 @@ async fn another_users_run_is_404_for_get_and_cancel_and_stays_untouched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_over_http_ends_a_long_sleep_cancelled() {
-    let server = start(config());
+    let server = start(no_drain_config());
     let mut c = Client::connect(&server, "alice").await;
     let run_id = post_run(
         &server,
@@ -591,7 +526,7 @@ async fn cancel_over_http_ends_a_long_sleep_cancelled() {
     assert_run_shape(&events);
     let completed_tool = events
         .iter()
-        .find(|e| ty(e) == "tool_completed")
+        .find(|e| frame_type(e) == "tool_completed")
         .unwrap_or_else(|| panic!("the open sleep call was not closed: {events:?}"));
     assert_eq!(
         completed_tool["data"]["ok"],
@@ -607,7 +542,7 @@ async fn cancel_over_http_ends_a_long_sleep_cancelled() {
     assert_eq!(done["data"]["status"], json!("cancelled"), "{done}");
     assert_eq!(done["data"]["error"]["code"], json!("cancelled"), "{done}");
     assert!(
-        events.iter().all(|e| ty(e) != "partial_result"),
+        events.iter().all(|e| frame_type(e) != "partial_result"),
         "the script went on after the cancel: {events:?}"
     );
 
@@ -640,7 +575,7 @@ async fn cancel_over_http_ends_a_long_sleep_cancelled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_run_refuses_bad_bodies_with_the_right_code() {
-    let server = start(config());
+    let server = start(no_drain_config());
     let mut c = Client::connect(&server, "alice").await;
     let long_thread = "t".repeat(129);
     let cases: Vec<(String, &str)> = vec![
@@ -732,7 +667,7 @@ async fn post_run_refuses_bad_bodies_with_the_right_code() {
 async fn too_many_running_runs_is_429() {
     let server = start(agentcast::Config {
         max_runs_per_user: 2,
-        ..config()
+        ..no_drain_config()
     });
     let mut c = Client::connect(&server, "alice").await;
     let long =
@@ -783,7 +718,7 @@ async fn too_many_running_runs_is_429() {
 async fn run_starts_over_the_rate_are_429_rate_limited_with_retry_after() {
     let server = start(agentcast::Config {
         runs_per_minute: 2,
-        ..config()
+        ..no_drain_config()
     });
     let body = json!({"agent":"echo","input":"x"}).to_string();
     for i in 0..2 {
@@ -826,7 +761,7 @@ async fn run_starts_over_the_rate_are_429_rate_limited_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_a_valid_token_are_401() {
-    let server = start(config());
+    let server = start(no_drain_config());
     // A real run, so that 401s for it are not 404s in disguise.
     let mut c = Client::connect(&server, "alice").await;
     let run_id = post_run(&server, "alice", json!({"agent":"echo","input":"x"})).await;
@@ -889,7 +824,7 @@ async fn requests_without_a_valid_token_are_401() {
 /// emit all its events within microseconds of being started: the times must still line up.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_runs_have_consistent_started_at_ended_at_and_duration() {
-    let server = start(config());
+    let server = start(no_drain_config());
     let mut c = Client::connect(&server, "alice").await;
     for i in 0..40 {
         let input = if i % 2 == 0 {

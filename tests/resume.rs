@@ -10,292 +10,11 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------------
-// Local helpers (shape checks per PROTOCOL.md §2 and docs/protocol-notes.md)
+// Local helpers (the shared shape checks per PROTOCOL.md §2 are in common/shape.rs)
 // ---------------------------------------------------------------------------------------------
-
-fn sorted_keys(v: &Value) -> Vec<String> {
-    let mut k: Vec<String> = v
-        .as_object()
-        .unwrap_or_else(|| panic!("expected a JSON object, got {v}"))
-        .keys()
-        .cloned()
-        .collect();
-    k.sort();
-    k
-}
-
-fn assert_keys(v: &Value, expected: &[&str]) {
-    let mut e: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
-    e.sort();
-    assert_eq!(sorted_keys(v), e, "exact keys of {v}");
-}
-
-fn is_run_id(s: &str) -> bool {
-    s.len() == 26 && s.starts_with("run_") && s[4..].bytes().all(|b| b.is_ascii_alphanumeric())
-}
-
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = (if y >= 0 { y } else { y - 399 }) / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Parses `YYYY-MM-DDTHH:MM:SS.ffffffZ` (RFC 3339, UTC, exactly 6 fractional digits) into
-/// microseconds since the Unix epoch; panics on any other form.
-fn ts_micros(ts: &str) -> i64 {
-    let b = ts.as_bytes();
-    assert_eq!(
-        b.len(),
-        27,
-        "ts {ts:?} must look like 2026-11-22T01:02:03.456789Z"
-    );
-    for (i, c) in b.iter().enumerate() {
-        let ok = match i {
-            4 | 7 => *c == b'-',
-            10 => *c == b'T',
-            13 | 16 => *c == b':',
-            19 => *c == b'.',
-            26 => *c == b'Z',
-            _ => c.is_ascii_digit(),
-        };
-        assert!(ok, "ts {ts:?}: unexpected character at index {i}");
-    }
-    let n = |a: usize, z: usize| ts[a..z].parse::<i64>().unwrap();
-    let (y, mo, d, h, mi, s, us) = (
-        n(0, 4),
-        n(5, 7),
-        n(8, 10),
-        n(11, 13),
-        n(14, 16),
-        n(17, 19),
-        n(20, 26),
-    );
-    assert!(
-        (1..=12).contains(&mo) && (1..=31).contains(&d) && h < 24 && mi < 60 && s < 61,
-        "ts {ts:?} is not a valid date-time"
-    );
-    (days_from_civil(y, mo, d) * 86_400 + h * 3_600 + mi * 60 + s) * 1_000_000 + us
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64
-}
-
-fn assert_error_obj(e: &Value) {
-    assert_keys(e, &["code", "message"]);
-    assert!(e["code"].is_string(), "error.code must be a string: {e}");
-    assert!(
-        e["message"].is_string(),
-        "error.message must be a string: {e}"
-    );
-}
-
-/// The envelope and the `data` shape of one run event, per type.
-fn check_event(ev: &Value) {
-    assert_keys(ev, &["type", "seq", "run_id", "thread_id", "ts", "data"]);
-    let seq = ev["seq"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("seq must be an integer: {ev}"));
-    assert!(seq >= 1, "seq starts at 1: {ev}");
-    assert!(
-        is_run_id(ev["run_id"].as_str().unwrap_or("")),
-        "run_id must be run_ + 22 base62: {ev}"
-    );
-    assert!(
-        ev["thread_id"].is_null() || ev["thread_id"].is_string(),
-        "thread_id: {ev}"
-    );
-    let ts = ts_micros(
-        ev["ts"]
-            .as_str()
-            .unwrap_or_else(|| panic!("ts must be a string: {ev}")),
-    );
-    assert!(
-        (ts - now_micros()).abs() < 300_000_000,
-        "ts far from now: {ev}"
-    );
-    let d = &ev["data"];
-    match ev["type"].as_str().unwrap() {
-        "agent_started" => {
-            assert_keys(d, &["agent", "input"]);
-            assert!(d["agent"].is_string(), "{ev}");
-        }
-        "agent_thinking" | "partial_result" => {
-            assert_keys(d, &["text"]);
-            assert!(d["text"].is_string(), "{ev}");
-        }
-        "tool_executing" => {
-            assert_keys(d, &["tool_call_id", "tool", "args"]);
-            assert!(
-                d["tool_call_id"].is_string() && d["tool"].is_string(),
-                "{ev}"
-            );
-        }
-        "tool_progress" => {
-            assert_keys(d, &["tool_call_id", "tool", "message", "fraction"]);
-            assert!(
-                d["tool_call_id"].is_string() && d["tool"].is_string(),
-                "{ev}"
-            );
-            assert!(d["message"].is_string(), "tool_progress.message: {ev}");
-            let f = &d["fraction"];
-            assert!(
-                f.is_null() || f.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)),
-                "fraction must be 0..1 or null: {ev}"
-            );
-        }
-        "tool_completed" => {
-            assert_keys(
-                d,
-                &[
-                    "tool_call_id",
-                    "tool",
-                    "ok",
-                    "result",
-                    "error",
-                    "duration_ms",
-                ],
-            );
-            assert!(
-                d["tool_call_id"].is_string() && d["tool"].is_string(),
-                "{ev}"
-            );
-            let ok = d["ok"]
-                .as_bool()
-                .unwrap_or_else(|| panic!("ok must be a bool: {ev}"));
-            if ok {
-                assert!(d["error"].is_null(), "error must be null when ok: {ev}");
-            } else {
-                assert_error_obj(&d["error"]);
-            }
-            assert!(
-                d["duration_ms"].as_u64().is_some(),
-                "duration_ms must be a whole number: {ev}"
-            );
-        }
-        "agent_completed" => {
-            assert_keys(d, &["status", "result", "error", "duration_ms", "usage"]);
-            let st = d["status"].as_str().unwrap_or("");
-            assert!(
-                ["succeeded", "failed", "cancelled", "timed_out"].contains(&st),
-                "status: {ev}"
-            );
-            if st == "succeeded" {
-                assert!(d["error"].is_null(), "error must be null on success: {ev}");
-            } else {
-                assert_error_obj(&d["error"]);
-            }
-            assert!(
-                d["duration_ms"].as_u64().is_some(),
-                "duration_ms must be a whole number: {ev}"
-            );
-            assert_keys(&d["usage"], &["tool_calls"]);
-            assert!(d["usage"]["tool_calls"].as_u64().is_some(), "{ev}");
-        }
-        other => panic!("unknown event type {other:?}: {ev}"),
-    }
-}
-
-/// Every check on one run's events: common shape rules, each event's shape, one run_id,
-/// the thread_id, ts non-decreasing.
-fn check_run(events: &[Value], run_id: &str, thread_id: Option<&str>) {
-    assert_run_shape(events);
-    let mut last_ts = 0;
-    for ev in events {
-        check_event(ev);
-        assert_eq!(ev["run_id"], run_id, "{ev}");
-        match thread_id {
-            None => assert!(ev["thread_id"].is_null(), "thread_id must be null: {ev}"),
-            Some(t) => assert_eq!(ev["thread_id"], t, "{ev}"),
-        }
-        let ts = ts_micros(ev["ts"].as_str().unwrap());
-        assert!(ts >= last_ts, "ts goes backwards within a run: {ev}");
-        last_ts = ts;
-    }
-}
-
-fn seqs(events: &[Value]) -> Vec<u64> {
-    events.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
-}
-
-fn is_event(f: &Value) -> bool {
-    f.get("seq").is_some() && f.get("run_id").is_some()
-}
-
-/// Sends start_run with a request_id and requires the very next frame to be its ack
-/// (use only when nothing else is running for this user). Returns the run_id.
-async fn start_expect_ack_first(c: &mut Client, rid: &str, frame: Value) -> String {
-    let mut frame = frame;
-    frame["request_id"] = json!(rid);
-    c.send_json(frame).await;
-    let ack = c.next_frame().await;
-    assert_keys(&ack, &["type", "request_id", "run_id"]);
-    assert_eq!(ack["type"], "ack", "{ack}");
-    assert_eq!(ack["request_id"], rid, "{ack}");
-    let run = ack["run_id"].as_str().unwrap().to_string();
-    assert!(is_run_id(&run), "run_id format: {ack}");
-    run
-}
-
-/// Reads frames until the run's agent_completed; every frame read must be an event of that run.
-async fn read_only_run(c: &mut Client, run_id: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    loop {
-        let f = c.next_frame().await;
-        assert!(
-            is_event(&f) && f["run_id"] == run_id,
-            "expected only events of {run_id}, got {f}"
-        );
-        let done = f["type"] == "agent_completed";
-        out.push(f);
-        if done {
-            return out;
-        }
-    }
-}
-
-/// Sends a ping and reads to its pong; returns the frames read before it (heartbeats skipped).
-async fn ping_flush(c: &mut Client, id: &str) -> Vec<Value> {
-    c.send_json(json!({"type":"ping","request_id":id})).await;
-    let mut out = Vec::new();
-    loop {
-        let f = c.next_frame().await;
-        if f["type"] == "pong" && f["request_id"] == id {
-            assert_keys(&f, &["type", "request_id"]);
-            return out;
-        }
-        out.push(f);
-    }
-}
-
-fn types(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| e["type"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 /// The same epoch with one character changed to another of the same kind, so that it stays
 /// a valid-looking value but is not the server's.
@@ -619,7 +338,7 @@ async fn reconnect_with_after_seq_during_a_live_run() {
         c = Client::connect_query(
             &server,
             "u",
-            &format!("after_seq={after}&epoch={}", enc(&epoch)),
+            &format!("after_seq={after}&epoch={}", percent_encode(&epoch)),
         )
         .await;
         segments += 1;
@@ -714,7 +433,7 @@ async fn resume_gap_cases() {
     let mut ok = Client::connect_query(
         &server,
         "u",
-        &format!("after_seq={}&epoch={}", oldest - 1, enc(&epoch)),
+        &format!("after_seq={}&epoch={}", oldest - 1, percent_encode(&epoch)),
     )
     .await;
     for i in oldest..=last {
@@ -725,7 +444,7 @@ async fn resume_gap_cases() {
     let mut none = Client::connect_query(
         &server,
         "u",
-        &format!("after_seq={last}&epoch={}", enc(&epoch)),
+        &format!("after_seq={last}&epoch={}", percent_encode(&epoch)),
     )
     .await;
     assert_resumed(&none.next_frame().await, last + 1, last);
@@ -733,9 +452,12 @@ async fn resume_gap_cases() {
     let mut gapped: Vec<Client> = Vec::new();
     for q in [
         format!("after_seq=0"),
-        format!("after_seq={}&epoch={}", oldest - 2, enc(&epoch)),
-        format!("after_seq={last}&epoch={}", enc(&other_epoch(&epoch))),
-        format!("after_seq={}&epoch={}", last + 1, enc(&epoch)),
+        format!("after_seq={}&epoch={}", oldest - 2, percent_encode(&epoch)),
+        format!(
+            "after_seq={last}&epoch={}",
+            percent_encode(&other_epoch(&epoch))
+        ),
+        format!("after_seq={}&epoch={}", last + 1, percent_encode(&epoch)),
     ] {
         let mut c = Client::connect_query(&server, "u", &q).await;
         assert_eq!(c.welcome()["last_seq"], last, "{q}: {}", c.welcome());
@@ -843,7 +565,7 @@ async fn idle_user_is_forgotten_after_ttl() {
     let mut old = Client::connect_query(
         &server,
         "gone",
-        &format!("after_seq={n_u}&epoch={}", enc(&e_u)),
+        &format!("after_seq={n_u}&epoch={}", percent_encode(&e_u)),
     )
     .await;
     assert_eq!(epoch_of(&old), e_new);

@@ -203,25 +203,23 @@ impl ConnectionRegistry {
     }
 
     fn user_entry(&mut self, user: &UserId) -> &mut UserEntry {
-        if !self.users.contains_key(user) {
-            self.generation += 1;
-            let entry = UserEntry {
-                epoch: format!("{}-{}", self.boot, self.generation).into(),
+        let (settings, boot, generation) = (&self.settings, &self.boot, &mut self.generation);
+        self.users.entry(user.clone()).or_insert_with(|| {
+            *generation += 1;
+            UserEntry {
+                epoch: format!("{boot}-{generation}").into(),
                 last_seq: 0,
-                replay: ReplayBuffer::new(self.settings.replay_capacity, self.settings.replay_ttl),
+                replay: ReplayBuffer::new(settings.replay_capacity, settings.replay_ttl),
                 sessions: Vec::new(),
                 running: 0,
                 idle_since: None,
                 run_starts: TokenBucket::new(
-                    self.settings.runs_per_minute,
-                    self.settings.runs_per_minute as f64 / 60.0,
+                    settings.runs_per_minute,
+                    settings.runs_per_minute as f64 / 60.0,
                     Instant::now(),
                 ),
-            };
-            self.users.insert(user.clone(), entry);
-        }
-        // Inserted just above when missing.
-        self.users.get_mut(user).expect("user entry exists")
+            }
+        })
     }
 
     /// Sequences, encodes, keeps and routes one event of `run_id`; returns the frame.

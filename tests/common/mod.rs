@@ -1,6 +1,10 @@
 //! The shared test client: a real tokio-tungstenite WebSocket client against a real
 //! `agentcast::spawn`ed server, plus a tiny HTTP/1.1 client and a raw WebSocket handshake.
 //! Every wait is bounded by `TIMEOUT` so a broken server fails a test instead of hanging it.
+//!
+//! Submodules, all re-exported here: `shape` (shape checks on frames and run events, RFC 3339
+//! times), `reads` (strict reads on a `Client`), `sse` (a small SSE client for `/v1/events`),
+//! `scrape` (reading `/metrics`).
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -15,6 +19,21 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+mod reads;
+mod scrape;
+mod shape;
+mod sse;
+
+// Re-exported so that `use common::*;` brings every helper; a test binary need not use them all.
+#[allow(unused_imports)]
+pub use reads::*;
+#[allow(unused_imports)]
+pub use scrape::*;
+#[allow(unused_imports)]
+pub use shape::*;
+#[allow(unused_imports)]
+pub use sse::*;
 
 pub const SECRET: &str = "test-secret";
 
@@ -33,6 +52,15 @@ pub fn test_config() -> agentcast::Config {
     }
 }
 
+/// `test_config()` with `drain_secs: 0`, so a server dropped with a run still running stops at
+/// once.
+pub fn no_drain_config() -> agentcast::Config {
+    agentcast::Config {
+        drain_secs: 0,
+        ..test_config()
+    }
+}
+
 pub fn start(config: agentcast::Config) -> agentcast::RunningServer {
     agentcast::spawn(config).expect("agentcast::spawn failed")
 }
@@ -45,13 +73,27 @@ pub fn now_unix() -> u64 {
         .as_secs()
 }
 
+/// The `Authorization` header value for `user`: `Bearer <server.token(user)>`.
+pub fn bearer(server: &agentcast::RunningServer, user: &str) -> String {
+    format!("Bearer {}", server.token(user))
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, for query values.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A scripted input from steps.
 pub fn scripted(steps: Value) -> Value {
     json!({ "steps": steps })
-}
-
-fn frame_type(v: &Value) -> &str {
-    v.get("type").and_then(Value::as_str).unwrap_or("")
 }
 
 fn is_heartbeat(v: &Value) -> bool {
@@ -510,140 +552,6 @@ pub fn http_status(e: &tungstenite::Error) -> Option<u16> {
     }
 }
 
-/// Checks the §2 rules on one run's events: agent_started first and once, agent_completed last and
-/// once, each tool_executing has exactly one later tool_completed with the same tool_call_id,
-/// tool_progress only between them, all events carry the same run_id. Panics with a clear message.
-pub fn assert_run_shape(events: &[Value]) {
-    assert!(!events.is_empty(), "a run with no events");
-    let dump = || {
-        events
-            .iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("\n  ")
-    };
-    let run_id = events[0]["run_id"].clone();
-    assert!(
-        run_id.is_string(),
-        "event without a string run_id:\n  {}",
-        dump()
-    );
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(
-            e["run_id"],
-            run_id,
-            "event {i} belongs to another run:\n  {}",
-            dump()
-        );
-        assert!(
-            e["seq"].is_u64(),
-            "event {i} has no integer seq:\n  {}",
-            dump()
-        );
-        assert!(e["ts"].is_string(), "event {i} has no ts:\n  {}", dump());
-        assert!(
-            e.get("thread_id").is_some(),
-            "event {i} has no thread_id (null when none):\n  {}",
-            dump()
-        );
-        assert!(
-            e.get("data").map_or(false, Value::is_object),
-            "event {i} has no data object:\n  {}",
-            dump()
-        );
-    }
-    assert_eq!(
-        frame_type(&events[0]),
-        "agent_started",
-        "first event is not agent_started:\n  {}",
-        dump()
-    );
-    let started = events
-        .iter()
-        .filter(|e| frame_type(e) == "agent_started")
-        .count();
-    assert_eq!(
-        started,
-        1,
-        "agent_started appears {started} times:\n  {}",
-        dump()
-    );
-    assert_eq!(
-        frame_type(events.last().unwrap()),
-        "agent_completed",
-        "last event is not agent_completed:\n  {}",
-        dump()
-    );
-    let completed = events
-        .iter()
-        .filter(|e| frame_type(e) == "agent_completed")
-        .count();
-    assert_eq!(
-        completed,
-        1,
-        "agent_completed appears {completed} times:\n  {}",
-        dump()
-    );
-
-    // Tool calls: open on tool_executing, progress only while open, closed exactly once.
-    let mut open: std::collections::HashSet<String> = Default::default();
-    let mut seen: std::collections::HashSet<String> = Default::default();
-    for (i, e) in events.iter().enumerate() {
-        let id = || {
-            e["data"]["tool_call_id"]
-                .as_str()
-                .unwrap_or_else(|| {
-                    panic!(
-                        "event {i} ({}) has no data.tool_call_id:\n  {}",
-                        frame_type(e),
-                        dump()
-                    )
-                })
-                .to_string()
-        };
-        match frame_type(e) {
-            "tool_executing" => {
-                let id = id();
-                assert!(
-                    seen.insert(id.clone()),
-                    "tool_call_id {id} executed twice:\n  {}",
-                    dump()
-                );
-                open.insert(id);
-            }
-            "tool_progress" => {
-                let id = id();
-                assert!(
-                    open.contains(&id),
-                    "tool_progress for {id} outside its call (event {i}):\n  {}",
-                    dump()
-                );
-            }
-            "tool_completed" => {
-                let id = id();
-                assert!(
-                    open.remove(&id),
-                    "tool_completed for {id} without an open tool_executing (event {i}):\n  {}",
-                    dump()
-                );
-            }
-            _ => {}
-        }
-    }
-    assert!(
-        open.is_empty(),
-        "tool calls never completed: {open:?}:\n  {}",
-        dump()
-    );
-}
-
-/// Checks seqs are strictly contiguous (each = previous + 1).
-pub fn assert_contiguous(seqs: &[u64]) {
-    for w in seqs.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "seqs are not contiguous: {seqs:?}");
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // A tiny HTTP/1.1 client.
 
@@ -725,8 +633,33 @@ async fn http_inner(
     read_http_response(&mut stream).await
 }
 
-/// Reads one HTTP response (head, then a body framed by Content-Length, chunked encoding, or EOF).
-pub async fn read_http_response(stream: &mut TcpStream) -> std::io::Result<HttpResponse> {
+/// A response head as read off the wire.
+pub struct ResponseHead {
+    /// The status line, as sent.
+    pub status_line: String,
+    /// The status code of the status line; None when it has none.
+    pub status: Option<u16>,
+    /// The header lines (names lower-cased, names and values trimmed).
+    pub headers: Vec<(String, String)>,
+    /// Bytes that arrived after the blank line ending the head.
+    pub rest: Vec<u8>,
+}
+
+impl ResponseHead {
+    /// The head as an HttpResponse with an empty body (status 0 when the status line had none),
+    /// and the bytes that came after it.
+    pub fn without_body(self) -> (HttpResponse, Vec<u8>) {
+        let head = HttpResponse {
+            status: self.status.unwrap_or(0),
+            headers: self.headers,
+            body: String::new(),
+        };
+        (head, self.rest)
+    }
+}
+
+/// Reads an HTTP response head (up to the blank line). Err when the connection ends first.
+pub async fn read_response_head(stream: &mut TcpStream) -> std::io::Result<ResponseHead> {
     let mut buf = Vec::new();
     let head_end = loop {
         if let Some(i) = find(&buf, b"\r\n\r\n") {
@@ -746,23 +679,39 @@ pub async fn read_http_response(stream: &mut TcpStream) -> std::io::Result<HttpR
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut rest = buf[head_end + 4..].to_vec();
+    let rest = buf[head_end + 4..].to_vec();
     let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let status: u16 = status_line
+    let status_line = lines.next().unwrap_or("").to_string();
+    let status = status_line
         .split_whitespace()
         .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("bad status line {status_line:?}"),
-            )
-        })?;
-    let headers: Vec<(String, String)> = lines
+        .and_then(|s| s.parse().ok());
+    let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    Ok(ResponseHead {
+        status_line,
+        status,
+        headers,
+        rest,
+    })
+}
+
+/// Reads one HTTP response (head, then a body framed by Content-Length, chunked encoding, or EOF).
+pub async fn read_http_response(stream: &mut TcpStream) -> std::io::Result<HttpResponse> {
+    let ResponseHead {
+        status_line,
+        status,
+        headers,
+        mut rest,
+    } = read_response_head(stream).await?;
+    let status: u16 = status.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad status line {status_line:?}"),
+        )
+    })?;
     let get = |n: &str| headers.iter().find(|(h, _)| h == n).map(|(_, v)| v.clone());
     let body_bytes = if status == 101 || status == 204 || status == 304 {
         Vec::new()
@@ -836,6 +785,33 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// The fixed key of the hand-made WebSocket handshakes below.
 pub const RAW_WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
+/// The headers that make a GET a WebSocket upgrade request (with the fixed key).
+pub const WS_UPGRADE_HEADERS: [(&str, &str); 4] = [
+    ("Upgrade", "websocket"),
+    ("Connection", "Upgrade"),
+    ("Sec-WebSocket-Key", RAW_WS_KEY),
+    ("Sec-WebSocket-Version", "13"),
+];
+
+/// Sends `GET path_and_query` over a new TcpStream with a Host header, then `headers` in order, and
+/// no body; reads the response head. Returns the stream (positioned after the head), the head (as
+/// an HttpResponse with an empty body) and any bytes that came with it.
+pub async fn get_response_head(
+    addr: SocketAddr,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(TcpStream, HttpResponse, Vec<u8>)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut req = format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await?;
+    let (head, after) = read_response_head(&mut stream).await?.without_body();
+    Ok((stream, head, after))
+}
+
 /// Sends a WebSocket upgrade request for `path_and_query` by hand over a plain TcpStream and
 /// returns the stream and the response head. The stream is positioned after the response head when
 /// the status is 101; any bytes that came with the head are returned too.
@@ -844,60 +820,52 @@ pub async fn raw_ws_upgrade(
     path_and_query: &str,
     extra_headers: &[(&str, &str)],
 ) -> (TcpStream, HttpResponse, Vec<u8>) {
-    let fut = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let mut req = format!(
-            "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {RAW_WS_KEY}\r\nSec-WebSocket-Version: 13\r\n"
-        );
-        for (n, v) in extra_headers {
-            req.push_str(&format!("{n}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        stream.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        let head_end = loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                break i;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "no upgrade response",
-                ));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let after = buf[head_end + 4..].to_vec();
-        let mut lines = head.split("\r\n");
-        let status: u16 = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        Ok::<_, std::io::Error>((
-            stream,
-            HttpResponse {
-                status,
-                headers,
-                body: String::new(),
-            },
-            after,
-        ))
-    };
-    match tokio::time::timeout(TIMEOUT, fut).await {
+    let mut headers = WS_UPGRADE_HEADERS.to_vec();
+    headers.extend_from_slice(extra_headers);
+    match tokio::time::timeout(TIMEOUT, get_response_head(addr, path_and_query, &headers)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => panic!("raw WebSocket upgrade failed: {e}"),
         Err(_) => panic!("raw WebSocket upgrade timed out"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The binary as a child process.
+
+/// A 127.0.0.1 address whose port was free a moment ago, for a child `agentcast serve --bind`.
+pub fn free_local_addr() -> SocketAddr {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// Waits until the child `agentcast serve` at `addr` answers `GET /healthz` with 200, polling every
+/// 100 ms for at most 10 s (for a child process to listen, bounded polling is the only way).
+/// Panics if the child exits first or never answers.
+pub async fn wait_until_healthy(child: &mut tokio::process::Child, addr: SocketAddr) {
+    let mut healthy = false;
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("agentcast serve exited early: {status:?}");
+        }
+        if TcpStream::connect(addr).await.is_ok() {
+            let (status, _) = http(addr, "GET", "/healthz", &[], "").await;
+            if status == 200 {
+                healthy = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        healthy,
+        "agentcast serve did not answer /healthz within 10 s"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 
 /// Makes an HS256 JWT with arbitrary claims (for malformed-claims tests).
 pub fn sign_claims(secret: &str, claims: &Value) -> String {
