@@ -1,0 +1,307 @@
+//! One scenario from first connection to last event: the phases, the server samples taken
+//! between them, and the checks at the end.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::cli::{Params, Scenario};
+use crate::client::{self, Shared, Tab, User};
+use crate::server::{self, ProcSample};
+
+pub struct Outcome {
+    pub shared: Arc<Shared>,
+    pub tabs: Vec<Tab>,
+    /// Time to open every connection (handshake + welcome), seconds.
+    pub connect_secs: f64,
+    /// Microseconds since t0 at which the runs started (the gate opened).
+    pub run_start_us: u64,
+    /// The run phase: from the gate until every tab finished (or the timeout).
+    pub run_secs: f64,
+    pub timed_out: bool,
+    pub server_before: Option<ProcSample>,
+    pub server_connected: Option<ProcSample>,
+    pub server_run_start: Option<ProcSample>,
+    pub server_run_end: Option<ProcSample>,
+    pub server_last: Option<ProcSample>,
+    /// Highest VmRSS seen by the sampler (every 50 ms), KiB.
+    pub server_rss_peak_kib: u64,
+    pub harness_cpu_us: u64,
+    /// Machine-wide (busy, total) CPU ticks over the run phase, from /proc/stat.
+    pub machine_ticks: Option<(u64, u64)>,
+    pub sources: usize,
+}
+
+fn random_tag() -> String {
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    format!(
+        "{:x}",
+        (n ^ (std::process::id() as u64) << 32) & 0xff_ffff_ffff
+    )
+}
+
+/// Waits until `counter` reaches `n` or the deadline passes; true if reached.
+async fn wait_for(counter: &AtomicUsize, notify: &Notify, n: usize, deadline: Instant) -> bool {
+    loop {
+        if counter.load(Ordering::Acquire) >= n {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline.into(), notify.notified())
+            .await
+            .is_err()
+        {
+            return counter.load(Ordering::Acquire) >= n;
+        }
+    }
+}
+
+pub async fn run(
+    p: Params,
+    target: &server::Target,
+    source_addrs: u8,
+    connect_concurrency: usize,
+    timeout: Duration,
+    stall: Duration,
+) -> Outcome {
+    let t0_unix_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let pid = target.pid;
+    let sample = move || pid.and_then(server::sample);
+
+    let n = p.connections();
+    let sources = if !target.addr.ip().is_loopback() {
+        Vec::new()
+    } else {
+        let k = if source_addrs > 0 {
+            source_addrs as usize
+        } else {
+            n.div_ceil(25_000)
+        };
+        if k <= 1 {
+            Vec::new()
+        } else {
+            (1..=k.min(254))
+                .map(|i| Ipv4Addr::new(127, 0, 0, i as u8))
+                .collect()
+        }
+    };
+
+    let tag = random_tag();
+    let exp = agentcast::auth::now_unix() + 24 * 3600;
+    let users: Vec<Arc<User>> = (0..p.users)
+        .map(|idx| {
+            let name = format!("bench-{tag}-{idx}");
+            let token = agentcast::auth::sign(&target.secret, &name, exp);
+            Arc::new(User {
+                idx,
+                token: HeaderValue::from_str(&format!("Bearer {token}")).expect("token is ASCII"),
+                name,
+                acked: Mutex::new(Vec::with_capacity(p.runs)),
+                runs_done: Default::default(),
+            })
+        })
+        .collect();
+
+    let (gate_tx, gate_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        addr: target.addr,
+        host: target.host.clone(),
+        path: target.path.clone(),
+        sources: sources.clone(),
+        // Small buffers: frames are small, and 10,000 connections x the default 128 KiB read
+        // buffer would be more than a gigabyte of harness memory.
+        ws_config: WebSocketConfig::default()
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(0)
+            .max_write_buffer_size(1 << 20),
+        t0_unix_us,
+        start_run: client::start_run_frame(&p).into(),
+        events_per_run: p.events_per_run() as u32,
+        connect_sem: Semaphore::new(connect_concurrency.max(1)),
+        gate: gate_rx,
+        stop: stop_rx,
+        run_start: OnceLock::new(),
+        connected: AtomicUsize::new(0),
+        connected_notify: Notify::new(),
+        finished: AtomicUsize::new(0),
+        finished_notify: Notify::new(),
+        progress: AtomicU64::new(0),
+        faults: Default::default(),
+        events: Default::default(),
+        messages: Mutex::new(Vec::new()),
+        params: p.clone(),
+    });
+
+    // The server's RSS, every 50 ms, for the peak.
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                every.tick().await;
+                match sample() {
+                    Some(s) => {
+                        peak.fetch_max(s.rss_kib, Ordering::Relaxed);
+                    }
+                    None => break,
+                }
+            }
+        })
+    };
+
+    let server_before = sample();
+    let connect_start = Instant::now();
+    let mut handles = Vec::with_capacity(n);
+    let mut global = 0;
+    for user in &users {
+        for tab in 0..p.tabs {
+            handles.push(tokio::spawn(client::run_tab(
+                shared.clone(),
+                user.clone(),
+                tab,
+                global,
+            )));
+            global += 1;
+        }
+    }
+    let deadline = Instant::now() + timeout.max(Duration::from_secs(30));
+    let all_connected = wait_for(&shared.connected, &shared.connected_notify, n, deadline).await;
+    let connect_secs = connect_start.elapsed().as_secs_f64();
+    if !all_connected {
+        shared.fail(&shared.faults.connect_failures, || {
+            format!(
+                "only {} of {n} connections opened in time",
+                shared.connected.load(Ordering::Acquire)
+            )
+        });
+    }
+    // Let the server settle (allocations of the last handshakes, deferred frees) before
+    // measuring what the connections cost.
+    tokio::time::sleep(Duration::from_millis(if p.has_runs() {
+        300
+    } else {
+        1_000
+    }))
+    .await;
+    let server_connected = sample();
+
+    let harness_cpu_start = server::self_cpu_us();
+    let machine_start = server::machine_cpu_ticks();
+    let server_run_start = sample();
+    let run_start = Instant::now();
+    let run_start_us = (SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+        - t0_unix_us)
+        .max(0) as u64;
+    let _ = shared.run_start.set(run_start);
+    let _ = gate_tx.send(true);
+
+    let mut timed_out = false;
+    let mut stalled = false;
+    if p.has_runs() {
+        // Until every tab finished; a failure when the timeout passes, or when no tab has
+        // seen a run complete for `stall` (lost events can leave tabs waiting forever).
+        let deadline = run_start + timeout;
+        let mut last = (0, Instant::now());
+        loop {
+            let step = (Instant::now() + Duration::from_millis(250)).min(deadline);
+            if wait_for(&shared.finished, &shared.finished_notify, n, step).await {
+                break;
+            }
+            let now = Instant::now();
+            let progress = shared.progress.load(Ordering::Relaxed);
+            if progress != last.0 {
+                last = (progress, now);
+            }
+            if now >= deadline {
+                timed_out = true;
+                break;
+            }
+            if now.duration_since(last.1) >= stall {
+                stalled = true;
+                break;
+            }
+        }
+    } else {
+        tokio::time::sleep(Duration::from_secs_f64(p.hold_secs)).await;
+    }
+    let run_secs = run_start.elapsed().as_secs_f64();
+    let server_run_end = sample();
+    let harness_cpu_us = server::self_cpu_us() - harness_cpu_start;
+    let machine_ticks = match (machine_start, server::machine_cpu_ticks()) {
+        (Some(a), Some(b)) => Some((b.0 - a.0, b.1 - a.1)),
+        _ => None,
+    };
+    if stalled {
+        shared.fail(&shared.faults.incomplete, || {
+            format!(
+                "run phase stalled: no run completed for {} s; {} of {n} tabs finished",
+                stall.as_secs_f64(),
+                shared.finished.load(Ordering::Acquire)
+            )
+        });
+    }
+    if timed_out {
+        shared.fail(&shared.faults.incomplete, || {
+            format!(
+                "run phase timed out after {:.0} s: {} of {n} tabs finished",
+                run_secs,
+                shared.finished.load(Ordering::Acquire)
+            )
+        });
+    }
+
+    let _ = stop_tx.send(true);
+    let mut tabs = Vec::with_capacity(n);
+    for h in handles {
+        match h.await {
+            Ok(t) => tabs.push(t),
+            Err(e) => shared.fail(&shared.faults.unexpected_closes, || {
+                format!("a tab task failed: {e}")
+            }),
+        }
+    }
+    // The idle scenario's connections must all still be there when it ends.
+    if p.scenario == Scenario::Idle {
+        let gone = shared.faults.unexpected_closes.load(Ordering::Relaxed);
+        if gone > 0 {
+            eprintln!("{gone} idle connections were closed by the server while held");
+        }
+    }
+    for t in &tabs {
+        client::verify_tab(&shared, t);
+    }
+    sampler.abort();
+    let server_last = sample();
+    Outcome {
+        shared,
+        tabs,
+        connect_secs,
+        run_start_us,
+        run_secs,
+        timed_out: timed_out || stalled,
+        server_before,
+        server_connected,
+        server_run_start,
+        server_run_end,
+        server_last,
+        server_rss_peak_kib: peak.load(Ordering::Relaxed),
+        harness_cpu_us,
+        machine_ticks,
+        sources: sources.len(),
+    }
+}

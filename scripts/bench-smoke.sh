@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The load harness at a small scale, so that it keeps working (docs/performance.md). Every run
+# does its real zero-loss checks (each connection's seq contiguous, no duplicate, no foreign
+# run, every run completed) and the harness exits non-zero on any of them; so does this script.
+# A last run makes sure the checks still catch a loss. The runs take about 15 s on 2 cores once
+# the bench is built; results go to target/bench-smoke.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "FATAL: cargo not found: install Rust (rustup) first" >&2; exit 1; }
+results=target/bench-smoke.jsonl
+mkdir -p target
+rm -f "$results"
+
+load() {
+    cargo bench --quiet --locked --bench load -- --results "$results" --timeout-secs 60 "$@"
+}
+
+t0=$(date +%s)
+echo "== bench-smoke: building the harness and the server (bench profile)"
+cargo bench --locked --bench load --no-run
+t1=$(date +%s)
+
+echo "== fanout: 50 users x 2 tabs, 5 runs each (2 at a time)"
+load --scenario fanout --users 50 --tabs 2 --runs 5 --label smoke
+
+echo "== storm: 100 connections drop at once mid-run and resume"
+load --scenario storm --connections 100 --label smoke
+
+echo "== slow: 2 of 20 tabs stop reading"
+load --scenario slow --users 10 --slow-clients 2 --label smoke
+
+echo "== the checks catch a loss: storm against a server that keeps 1 event for resume"
+set +e
+load --scenario storm --connections 40 --step-sleep-ms 2 --storm-after-ms 100 --storm-pause-ms 200 \
+    --stall-secs 2 --server-arg=--replay-capacity=1 --label smoke-must-fail >target/bench-smoke-must-fail.log 2>&1
+rc=$?
+set -e
+if [ "$rc" -ne 1 ]; then
+    cat target/bench-smoke-must-fail.log
+    echo "FAIL: the harness should have reported lost events (exit 1), it exited $rc" >&2
+    exit 1
+fi
+grep -E "FAILED: .*(resume_failures|gaps)" target/bench-smoke-must-fail.log
+
+t2=$(date +%s)
+echo "== bench-smoke: OK (build $((t1 - t0)) s, runs $((t2 - t1)) s; results in $results)"
