@@ -64,7 +64,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// Each connection holds two file descriptors (its socket and the duplicate kept to reset a
+/// slow consumer): raise the soft open-file limit to the hard one so connections, not the
+/// default 1024, set the ceiling.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let before = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                log::info!(
+                    "open-file limit raised from {before} to {} (about {} connections)",
+                    lim.rlim_cur,
+                    lim.rlim_cur / 2
+                );
+            }
+        }
+    }
+}
+
 fn run(config: Config) -> ExitCode {
+    raise_open_file_limit();
     // Panics in agents and tools are caught and reported as events; this puts the details in
     // the log instead of on bare stderr.
     std::panic::set_hook(Box::new(|info| {

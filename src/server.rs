@@ -139,7 +139,10 @@ impl Started {
     /// Serves until `stop` resolves, then stops in order: running runs get the drain time
     /// (`--drain-secs`, unless `stop` gives another) and then end with `agent_completed`,
     /// every connection gets what was queued for it and close 1001, and the listener shuts.
-    pub async fn run_until(self, stop: impl Future<Output = Option<Duration>> + 'static) -> io::Result<()> {
+    pub async fn run_until(
+        self,
+        stop: impl Future<Output = Option<Duration>> + 'static,
+    ) -> io::Result<()> {
         let handle = self.server.handle();
         let state = self.state;
         let configured_drain = self.drain;
@@ -189,14 +192,13 @@ pub async fn termination() {
 
 /// Runs the server in this thread until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> io::Result<()> {
-    actix::System::new()
-        .block_on(async move {
-            let stop = async {
-                termination().await;
-                None
-            };
-            start(config).await?.run_until(stop).await
-        })
+    actix::System::new().block_on(async move {
+        let stop = async {
+            termination().await;
+            None
+        };
+        start(config).await?.run_until(stop).await
+    })
 }
 
 /// A server on its own thread, for tests and embedding.

@@ -46,6 +46,11 @@ pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
     if let Err(e) = SockRef::from(tcp).set_send_buffer_size(SEND_BUFFER_BYTES) {
         log::warn!("could not cap a connection's send buffer: {e}");
     }
+    // Events are small and must leave at once: Nagle would hold each one back waiting for
+    // the previous one's ACK (measured: paced p99 32 ms with it, 4-7 ms without).
+    if let Err(e) = tcp.set_nodelay(true) {
+        log::warn!("could not set TCP_NODELAY on a connection: {e}");
+    }
     match tcp.as_fd().try_clone_to_owned() {
         Ok(fd) => {
             ext.insert(ConnSocket(Arc::new(fd)));

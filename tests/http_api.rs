@@ -181,9 +181,19 @@ async fn agents_lists_the_builtin_agents_and_tools() {
     for t in ["calculator", "clock", "sleep", "fail", "panic"] {
         assert!(tools.contains(t), "tool {t} missing from {tools:?}");
     }
-    let echo = b["agents"].as_array().unwrap().iter().find(|a| a["name"] == "echo").unwrap();
+    let echo = b["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "echo")
+        .unwrap();
     assert_eq!(echo["input"], json!({"type": "string"}));
-    let calc = b["tools"].as_array().unwrap().iter().find(|t| t["name"] == "calculator").unwrap();
+    let calc = b["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "calculator")
+        .unwrap();
     assert_eq!(calc["args"]["required"], json!(["expr"]));
 
     // Every agent listed can actually be started (the list is not decoration).

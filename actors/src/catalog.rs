@@ -51,8 +51,12 @@ impl Toolbox {
     }
 
     /// `(name, description, args schema)` of every tool, sorted by name.
-    pub fn list(&self) -> impl Iterator<Item = (&'static str, &'static str, &serde_json::Value)> + '_ {
-        self.tools.iter().map(|(n, t)| (*n, t.description, &t.args_schema))
+    pub fn list(
+        &self,
+    ) -> impl Iterator<Item = (&'static str, &'static str, &serde_json::Value)> + '_ {
+        self.tools
+            .iter()
+            .map(|(n, t)| (*n, t.description, &t.args_schema))
     }
 }
 
