@@ -6,9 +6,10 @@
 //! Being one actor is what makes the ordering guarantees simple: a session that joins (with
 //! or without a resume) is answered and added in one step, so it receives every event after
 //! the `last_seq` it was told, exactly once, in order. Delivery to a session is a `try_send`
-//! on the one `Recipient` the session registered: a full mailbox means the client is not
-//! reading, and the session is dropped at once (close 4008, then a TCP reset after the grace
-//! period) without slowing anyone else.
+//! on the one `Recipient` the session registered, never a wait: a session whose mailbox is
+//! full is fed what it missed from the replay buffer as it makes room, and one that makes no
+//! progress at all is not reading and is dropped (close 4008, then a TCP reset after the
+//! grace period), without slowing anyone else.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
