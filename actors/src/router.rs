@@ -51,6 +51,22 @@ pub struct SessionShared {
     pub written: AtomicU64,
 }
 
+impl SessionShared {
+    /// A session received `frame` from its mailbox: whether to write it (not once the
+    /// session was cut off). Counts it as written and records its delivery latency.
+    pub fn take(&self, frame: &Frame, metrics: &crate::metrics::Metrics) -> bool {
+        if self.cut.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        self.written
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(latency) = frame.emitted.elapsed() {
+            metrics.delivery_latency.observe(latency.as_secs_f64());
+        }
+        true
+    }
+}
+
 /// A session joins its user. Answered with what `welcome` needs and, when `resume` is set,
 /// the replay; from the moment this is handled the session receives every new event.
 #[derive(Message)]

@@ -457,15 +457,8 @@ impl Handler<Push> for Session {
     fn handle(&mut self, msg: Push, ctx: &mut Self::Context) {
         match msg {
             Push::Event(frame) => {
-                if !self.shared.cut.load(Ordering::Relaxed) {
-                    self.shared.written.fetch_add(1, Ordering::Relaxed);
+                if self.shared.take(&frame, &self.settings.metrics) {
                     self.last_seq = frame.seq;
-                    if let Ok(latency) = frame.emitted.elapsed() {
-                        self.settings
-                            .metrics
-                            .delivery_latency
-                            .observe(latency.as_secs_f64());
-                    }
                     ctx.text(frame.text);
                 }
             }

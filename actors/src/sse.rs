@@ -205,15 +205,10 @@ impl Handler<Push> for SseSession {
     fn handle(&mut self, msg: Push, ctx: &mut Context<Self>) {
         match msg {
             Push::Event(frame) => {
-                if self.shared.cut.load(Ordering::Relaxed) {
-                    return;
+                if self.shared.take(&frame, &self.metrics) {
+                    self.last_seq = frame.seq;
+                    self.event(&frame, ctx);
                 }
-                self.shared.written.fetch_add(1, Ordering::Relaxed);
-                self.last_seq = frame.seq;
-                if let Ok(latency) = frame.emitted.elapsed() {
-                    self.metrics.delivery_latency.observe(latency.as_secs_f64());
-                }
-                self.event(&frame, ctx);
             }
             Push::Close(_) => ctx.stop(),
         }
