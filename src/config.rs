@@ -35,6 +35,24 @@ pub struct Config {
     #[arg(long, env = "AGENTCAST_REPLAY_CAPACITY", default_value_t = 10_000)]
     pub replay_capacity: usize,
 
+    /// Bytes of run events kept for resume per user (the newest win; at least the last
+    /// event is always kept).
+    #[arg(
+        long,
+        env = "AGENTCAST_REPLAY_USER_MAX_BYTES",
+        default_value_t = 16 * 1024 * 1024
+    )]
+    pub replay_user_max_bytes: usize,
+
+    /// Bytes of run events kept for resume over all users. Past it, idle users' histories
+    /// go first (oldest first), then the oldest events of the user holding the most.
+    #[arg(
+        long,
+        env = "AGENTCAST_REPLAY_MAX_BYTES",
+        default_value_t = 1024 * 1024 * 1024
+    )]
+    pub replay_max_bytes: usize,
+
     /// Oldest event kept for resume; a user with no connection and no run is forgotten
     /// after this.
     #[arg(long, env = "AGENTCAST_REPLAY_TTL_SECS", default_value_t = 600)]
@@ -102,6 +120,8 @@ impl Default for Config {
             max_runs_per_user: 16,
             replay_capacity: 10_000,
             replay_ttl_secs: 600,
+            replay_user_max_bytes: 16 * 1024 * 1024,
+            replay_max_bytes: 1024 * 1024 * 1024,
             outbound_queue: 1024,
             slow_consumer_grace_ms: 5_000,
             max_frame_bytes: 65_536,
@@ -169,6 +189,8 @@ impl Config {
             ("max-runs-per-user", self.max_runs_per_user as u64),
             ("replay-capacity", self.replay_capacity as u64),
             ("replay-ttl-secs", self.replay_ttl_secs),
+            ("replay-user-max-bytes", self.replay_user_max_bytes as u64),
+            ("replay-max-bytes", self.replay_max_bytes as u64),
             ("outbound-queue", self.outbound_queue as u64),
             ("max-frame-bytes", self.max_frame_bytes as u64),
             ("heartbeat-interval-ms", self.heartbeat_interval_ms),

@@ -53,6 +53,8 @@ pub async fn start(config: Config) -> io::Result<Started> {
     let settings = RegistrySettings {
         replay_capacity: config.replay_capacity,
         replay_ttl: Duration::from_secs(config.replay_ttl_secs),
+        replay_user_max_bytes: config.replay_user_max_bytes,
+        replay_max_bytes: config.replay_max_bytes,
         max_runs_per_user: config.max_runs_per_user,
         run_timeout: config.run_timeout(),
         slow_consumer_grace: Duration::from_millis(config.slow_consumer_grace_ms),
@@ -104,7 +106,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
     // Tools parse "listening on [ADDR" to find the port of a server bound to :0.
     log::info!(
         "agentcast listening on {addrs:?}: {workers} workers, run timeout {} ms, {} runs and {} \
-         connections per user, {} run starts per minute, replay {} events / {} s, outbound queue {}, \
+         connections per user, {} run starts per minute, replay {} events / {} bytes per user / {} s, {} bytes in all, outbound queue {}, \
          slow-consumer grace {} ms, max frame {} bytes, heartbeat {} ms, idle timeout {} ms, drain {} s, \
          {} connections at most, {}",
         config.run_timeout_ms,
@@ -112,7 +114,9 @@ pub async fn start(config: Config) -> io::Result<Started> {
         config.max_connections_per_user,
         config.runs_per_minute,
         config.replay_capacity,
+        config.replay_user_max_bytes,
         config.replay_ttl_secs,
+        config.replay_max_bytes,
         config.outbound_queue,
         config.slow_consumer_grace_ms,
         config.max_frame_bytes,

@@ -35,6 +35,9 @@ use crate::run::{AgentRunActor, Cancel, CancelReason};
 pub struct RegistrySettings {
     pub replay_capacity: usize,
     pub replay_ttl: Duration,
+    /// Bytes of events kept per user, and over all users.
+    pub replay_user_max_bytes: usize,
+    pub replay_max_bytes: usize,
     pub max_runs_per_user: usize,
     pub run_timeout: Duration,
     pub slow_consumer_grace: Duration,
@@ -51,6 +54,8 @@ impl Default for RegistrySettings {
         RegistrySettings {
             replay_capacity: 10_000,
             replay_ttl: Duration::from_secs(600),
+            replay_user_max_bytes: 16 * 1024 * 1024,
+            replay_max_bytes: 1024 * 1024 * 1024,
             max_runs_per_user: 16,
             run_timeout: Duration::from_secs(300),
             slow_consumer_grace: Duration::from_secs(5),
