@@ -57,10 +57,11 @@ fn encoding(c: &mut Criterion) {
         ("agent_completed_failed", &completed),
     ] {
         g.bench_function(name, |b| {
+            let run_id: agentcast_actors::ids::RunId = RUN_ID.into();
             let mut seq = 0u64;
             b.iter(|| {
                 seq += 1;
-                black_box(encode(seq, RUN_ID, Some("th_1"), at, black_box(data)))
+                black_box(encode(seq, &run_id, Some("th_1"), at, black_box(data)))
             })
         });
     }
@@ -70,7 +71,7 @@ fn encoding(c: &mut Criterion) {
 fn frame(seq: u64) -> Frame {
     encode(
         seq,
-        RUN_ID,
+        &RUN_ID.into(),
         None,
         SystemTime::now(),
         &EventData::PartialResult { text: text_64() },
@@ -82,7 +83,7 @@ fn replay(c: &mut Criterion) {
     // Appending to a full buffer (the steady state: one in, the oldest out).
     g.throughput(Throughput::Elements(1));
     g.bench_function("push_full_10000", |b| {
-        let mut buf = ReplayBuffer::new(10_000, Duration::from_secs(600));
+        let mut buf = ReplayBuffer::new(10_000, usize::MAX, Duration::from_secs(600));
         let now = Instant::now();
         let f = frame(1);
         let mut seq = 0u64;
@@ -96,7 +97,7 @@ fn replay(c: &mut Criterion) {
         })
     });
     // Reading a range back, as a resume does.
-    let mut buf = ReplayBuffer::new(10_000, Duration::from_secs(600));
+    let mut buf = ReplayBuffer::new(10_000, usize::MAX, Duration::from_secs(600));
     let now = Instant::now();
     let f = frame(1);
     for seq in 1..=10_000 {
@@ -105,7 +106,10 @@ fn replay(c: &mut Criterion) {
     for n in [1u64, 100, 1000] {
         g.throughput(Throughput::Elements(n));
         g.bench_with_input(BenchmarkId::new("range", n), &n, |b, &n| {
-            b.iter(|| black_box(buf.range(black_box(5_000), 5_000 + n, 10_000)))
+            b.iter(|| {
+                black_box(buf.check(black_box(5_000), 5_000 + n, 10_000)).ok();
+                black_box(buf.between(5_001, 5_000 + n).cloned().collect::<Vec<_>>())
+            })
         });
     }
     g.finish();

@@ -4,9 +4,12 @@
 //! 404, never a 403: its existence is not revealed.
 
 use actix_web::http::StatusCode;
+use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use agentcast_actors::protocol::{parse_client_frame, Command};
-use agentcast_actors::router::{CancelRun, InspectRun, RunNotFound, StartRefused, StartRun};
+use agentcast_actors::router::{
+    CancelRun, InspectRefused, InspectRun, RunNotFound, StartRefused, StartRun,
+};
 use serde_json::{json, Value};
 
 use crate::routes::{authenticate, error, AppState};
@@ -129,8 +132,17 @@ async fn inspect(
         run_id: path.into_inner(),
     };
     let run = match state.router.inspect_run.send(ask).await {
-        Ok(Some(run)) => run,
-        Ok(None) => return not_found(),
+        Ok(Ok(run)) => run,
+        Ok(Err(InspectRefused::NotFound)) => return not_found(),
+        Ok(Err(InspectRefused::Busy(limit))) => {
+            return HttpResponse::TooManyRequests()
+                .insert_header(("Retry-After", "1"))
+                .json(json!({
+                    "code": "rate_limited",
+                    "message": format!("{limit} run views are already being sent to this user; read them first"),
+                    "retry_after_ms": 1000,
+                }))
+        }
         Err(_) => return unavailable(),
     };
     let rfc3339 = |t| humantime::format_rfc3339_micros(t).to_string();
@@ -148,20 +160,28 @@ async fn inspect(
         "duration_ms": duration_ms,
         "truncated": run.truncated,
     });
-    // The events are already encoded: splice their text in rather than re-encoding them.
-    let mut body = head.to_string();
-    body.pop();
-    body.push_str(",\"events\":[");
-    for (i, frame) in run.events.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(&frame.text);
-    }
-    body.push_str("]}");
+    // The events are already encoded and shared with the user's log: the body is their bytes,
+    // not a copy. The lease travels with the body: it counts against the user's views in
+    // flight until the response has been sent or the client has gone.
+    let mut head = head.to_string();
+    head.pop();
+    head.push_str(",\"events\":[");
+    let lease = run.lease;
+    let events = run.events.into_iter().enumerate().flat_map(|(i, frame)| {
+        let sep = (i > 0).then(|| Bytes::from_static(b","));
+        sep.into_iter()
+            .chain(std::iter::once(frame.text.into_bytes()))
+    });
+    let chunks = std::iter::once(Bytes::from(head))
+        .chain(events)
+        .chain(std::iter::once(Bytes::from_static(b"]}")))
+        .map(move |chunk| {
+            let _held = &lease;
+            Ok::<_, actix_web::Error>(chunk)
+        });
     HttpResponse::Ok()
         .content_type("application/json")
-        .body(body)
+        .streaming(futures_util::stream::iter(chunks))
 }
 
 /// `POST /v1/runs/{run_id}/cancel`: as `cancel_run`.

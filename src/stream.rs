@@ -7,7 +7,7 @@ use actix::Actor;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use agentcast_actors::session::Session;
-use agentcast_actors::sse::SseSession;
+use agentcast_actors::sse::{Joined, SseSession};
 
 use crate::routes::{authenticate, error, AppState, StreamQuery};
 use crate::socket::ConnSocket;
@@ -71,7 +71,7 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
         Err(refusal) => return refusal,
     };
     let reset = req.conn_data::<ConnSocket>().map(ConnSocket::reset_handle);
-    let (session, out) = SseSession::new(
+    let (session, body, joined) = SseSession::new(
         user.into(),
         state.router.clone(),
         resume,
@@ -81,11 +81,24 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
         state.metrics.clone(),
     );
     session.start();
-    let body = futures_util::stream::unfold(out, |mut out| async move {
-        out.recv()
-            .await
-            .map(|bytes| (Ok::<_, actix_web::Error>(bytes), out))
-    });
+    // Refusals are answered before anything is streamed.
+    match joined.await {
+        Ok(Joined::Yes) => {}
+        Ok(Joined::TooManyConnections(limit)) => {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &format!("too many connections for this user (at most {limit}); close one first"),
+            )
+        }
+        Ok(Joined::Unavailable) | Err(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "internal",
+                "the event router is unavailable",
+            )
+        }
+    }
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))

@@ -116,6 +116,8 @@ pub struct Frame {
     pub seq: u64,
     /// The event's `type`.
     pub kind: &'static str,
+    /// The run it belongs to (run records find their events in the user's log by it).
+    pub run_id: crate::ids::RunId,
     pub text: ByteString,
     /// When the event was emitted (its `ts`), for the delivery-latency histogram.
     pub emitted: SystemTime,
@@ -135,7 +137,7 @@ struct Wire<'a> {
 /// Encodes an event for the wire. Called once per event, by the registry.
 pub fn encode(
     seq: u64,
-    run_id: &str,
+    run_id: &crate::ids::RunId,
     thread_id: Option<&str>,
     at: SystemTime,
     data: &EventData,
@@ -156,6 +158,7 @@ pub fn encode(
     Frame {
         seq,
         kind: data.kind(),
+        run_id: run_id.clone(),
         text: ByteString::from(text),
         emitted: at,
     }
@@ -174,7 +177,7 @@ mod tests {
             tool: "calculator".into(),
             args: json!({"expr": "2+2"}),
         };
-        let frame = encode(42, "run_x", Some("th_1"), at, &data);
+        let frame = encode(42, &"run_x".into(), Some("th_1"), at, &data);
         let v: Value = serde_json::from_str(&frame.text).unwrap();
         assert_eq!(
             v,
@@ -193,7 +196,7 @@ mod tests {
             duration_ms: 5,
             usage: json!({"tool_calls": 0}),
         };
-        let frame = encode(1, "r", None, SystemTime::now(), &data);
+        let frame = encode(1, &"r".into(), None, SystemTime::now(), &data);
         let v: Value = serde_json::from_str(&frame.text).unwrap();
         assert_eq!(v["thread_id"], Value::Null);
         assert_eq!(v["data"]["status"], "timed_out");

@@ -16,6 +16,8 @@ pub mod catalog;
 pub mod emitter;
 pub mod event;
 pub mod executor;
+pub mod fanout;
+pub mod frame_limit;
 pub mod ids;
 pub mod ledger;
 pub mod metrics;

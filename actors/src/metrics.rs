@@ -38,6 +38,11 @@ pub struct Metrics {
     pub queue_depth_max: IntGauge,
     pub queue_depth_sum: IntGauge,
     pub delivery_latency: Histogram,
+    pub replay_bytes: IntGauge,
+    /// Events evicted from users' logs, by why: `user_limit` (the user's count or bytes),
+    /// `global_bytes` (the server-wide budget), `age`.
+    pub replay_evicted: IntCounterVec,
+    pub emit_holds: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -115,6 +120,19 @@ impl Metrics {
             ),
             queue_depth_sum: gauge("agentcast_outbound_queue_depth_sum", "Frames queued over all connections."),
             delivery_latency: latency,
+            replay_bytes: gauge(
+                "agentcast_replay_bytes",
+                "Bytes of run events kept for resume, over all users (as the budgets count them).",
+            ),
+            replay_evicted: counter_vec(
+                "agentcast_replay_evicted_total",
+                "Events dropped from users' replay logs, by reason (user_limit, global_bytes, age).",
+                "reason",
+            ),
+            emit_holds: counter(
+                "agentcast_emit_holds_total",
+                "Times a user's agents were held back so a reading connection could catch up.",
+            ),
             registry,
         }
     }

@@ -223,6 +223,8 @@ pub enum Control<'a> {
         request_id: Option<&'a str>,
     },
     Resumed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
         from_seq: u64,
         to_seq: u64,
     },

@@ -93,8 +93,9 @@ pub enum ConnectRefused {
 pub struct Connected {
     pub epoch: Arc<str>,
     pub last_seq: u64,
-    /// The events in `(resume.after_seq, last_seq]`, or why they cannot be replayed.
-    pub replay: Option<Result<Vec<Frame>, Gap>>,
+    /// For a connect-time resume: the replay of `(resume.after_seq, last_seq]` has begun (its
+    /// frames and then `Push::Resumed` follow through the mailbox), or why it cannot be.
+    pub resume: Option<Result<(), Gap>>,
 }
 
 #[derive(Message)]
@@ -138,14 +139,26 @@ pub struct CancelRun {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunNotFound;
 
-/// The user's buffered events with `after_seq < seq <= upto`.
+/// A `resume` command: replay to session `key` the user's events with
+/// `after_seq < seq <= upto` (the ones from before it joined), alongside its live events, then
+/// `Push::Resumed`. Answered at once with whether the replay could begin.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<Frame>, Gap>")]
-pub struct Replay {
+#[rtype(result = "Result<(), ResumeRefused>")]
+pub struct Resume {
     pub user: UserId,
+    pub key: u64,
     pub after_seq: u64,
     pub upto: u64,
     pub epoch: Option<String>,
+    pub request_id: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeRefused {
+    /// The events are no longer (or were never) kept.
+    Gap(Gap),
+    /// This session's previous `resume` is still replaying.
+    InProgress,
 }
 
 /// Stop: no new runs; running runs get `drain` to finish and are then cancelled; then every
@@ -156,15 +169,23 @@ pub struct Shutdown {
     pub drain: std::time::Duration,
 }
 
-/// One of `user`'s runs as it stands (`GET /v1/runs/{id}`); `None` for another user's run.
+/// One of `user`'s runs as it stands (`GET /v1/runs/{id}`).
 #[derive(Message)]
-#[rtype(result = "Option<RunView>")]
+#[rtype(result = "Result<RunView, InspectRefused>")]
 pub struct InspectRun {
     pub user: UserId,
     pub run_id: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InspectRefused {
+    /// No such run for this user (whether or not another user has it).
+    NotFound,
+    /// The user already has this many run views being sent.
+    Busy(usize),
+}
+
+#[derive(Debug)]
 pub struct RunView {
     pub run_id: RunId,
     pub agent: String,
@@ -173,10 +194,46 @@ pub struct RunView {
     pub status: Option<RunStatus>,
     pub started_at: SystemTime,
     pub ended_at: Option<SystemTime>,
-    /// The run's events so far, in order (at most `--replay-capacity`).
+    /// The run's events so far, in order, as the user's log still holds them: the same
+    /// shared bytes, not a copy.
     pub events: Vec<Frame>,
-    /// Older events were not kept.
+    /// Older events of the run are no longer kept.
     pub truncated: bool,
+    /// Counts this view against the user's views in flight until it is dropped (when its
+    /// response has been sent, or its client is gone).
+    pub lease: InspectLease,
+}
+
+/// A run view being sent; tells the registry when it is done with.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InspectDone {
+    pub user: UserId,
+}
+
+#[derive(Debug)]
+pub struct InspectLease {
+    user: UserId,
+    done: Option<Recipient<InspectDone>>,
+}
+
+impl InspectLease {
+    pub(crate) fn new(user: UserId, done: Recipient<InspectDone>) -> Self {
+        InspectLease {
+            user,
+            done: Some(done),
+        }
+    }
+}
+
+impl Drop for InspectLease {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done.do_send(InspectDone {
+                user: self.user.clone(),
+            });
+        }
+    }
 }
 
 /// Brings the gauges in the metrics up to date (before a scrape).
@@ -189,7 +246,17 @@ pub struct RefreshGauges;
 #[rtype(result = "()")]
 pub enum Push {
     Event(Frame),
+    /// A replay has been sent in full.
+    Resumed(ResumedNote),
     Close(Goodbye),
+}
+
+/// The `resumed` frame's fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumedNote {
+    pub from_seq: u64,
+    pub to_seq: u64,
+    pub request_id: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,7 +272,7 @@ pub struct Router {
     pub disconnect: Recipient<Disconnect>,
     pub start_run: Recipient<StartRun>,
     pub cancel_run: Recipient<CancelRun>,
-    pub replay: Recipient<Replay>,
+    pub resume: Recipient<Resume>,
     pub emit: Recipient<Emit>,
     pub shutdown: Recipient<Shutdown>,
     pub inspect_run: Recipient<InspectRun>,
@@ -220,7 +287,7 @@ impl Router {
             + Handler<Disconnect>
             + Handler<StartRun>
             + Handler<CancelRun>
-            + Handler<Replay>
+            + Handler<Resume>
             + Handler<Emit>
             + Handler<Shutdown>
             + Handler<InspectRun>
@@ -231,7 +298,7 @@ impl Router {
             disconnect: addr.clone().recipient(),
             start_run: addr.clone().recipient(),
             cancel_run: addr.clone().recipient(),
-            replay: addr.clone().recipient(),
+            resume: addr.clone().recipient(),
             emit: addr.clone().recipient(),
             shutdown: addr.clone().recipient(),
             inspect_run: addr.clone().recipient(),

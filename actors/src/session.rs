@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_web_actors::ws;
 
+use crate::frame_limit::{FrameLimit, FrameVerdict, FrameWatch};
 use crate::ids::{random_id, UserId};
 use crate::metrics::Metrics;
 use crate::protocol::{
@@ -41,6 +42,9 @@ pub struct SessionSettings {
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
+/// The longest a client frame may take to arrive once it has begun.
+const FRAME_DEADLINE: Duration = Duration::from_secs(10);
+
 pub struct Session {
     key: u64,
     id: String,
@@ -57,6 +61,8 @@ pub struct Session {
     covered_from: u64,
     /// A fragmented text message being put together.
     fragments: Option<Vec<u8>>,
+    /// What the frame guard in front of the decoder saw.
+    frames: Arc<FrameWatch>,
     commands: TokenBucket,
     last_rate_error: Option<Instant>,
 }
@@ -89,6 +95,7 @@ impl Session {
             last_seq: 0,
             covered_from: 0,
             fragments: None,
+            frames: Arc::default(),
             last_rate_error: None,
         }
     }
@@ -100,7 +107,10 @@ impl Session {
         stream: actix_web::web::Payload,
     ) -> Result<actix_web::HttpResponse, actix_web::Error> {
         let max = self.settings.max_frame_bytes;
-        ws::WsResponseBuilder::new(self, req, stream)
+        // A frame must arrive whole this soon after its first byte.
+        let deadline = self.settings.idle_timeout.min(FRAME_DEADLINE);
+        let guarded = FrameLimit::new(stream, max, deadline, self.frames.clone());
+        ws::WsResponseBuilder::new(self, req, guarded)
             .frame_size(max)
             .start()
     }
@@ -141,55 +151,36 @@ impl Session {
             },
         );
         let after_seq = self.resume.as_ref().map_or(0, |r| r.after_seq);
-        match joined.replay {
+        match joined.resume {
             None => {}
-            Some(replay) => self.replayed(None, after_seq, replay, ctx),
+            // The replay's frames and `resumed` follow through the mailbox.
+            Some(Ok(())) => self.covered_from = after_seq,
+            Some(Err(gap)) => self.resume_gap(None, after_seq, gap, ctx),
         }
     }
 
-    /// Writes a replay (or its refusal) and moves `covered_from` down to what it covered.
-    fn replayed(
+    fn resume_gap(
         &mut self,
         request_id: Option<&str>,
         after_seq: u64,
-        replay: Result<Vec<crate::event::Frame>, crate::replay::Gap>,
+        gap: crate::replay::Gap,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
-        match replay {
-            Ok(frames) => {
-                let count = frames.len() as u64;
-                for frame in frames {
-                    ctx.text(frame.text);
-                }
-                if after_seq < self.covered_from {
-                    self.covered_from = after_seq;
-                }
-                self.send(
-                    ctx,
-                    Control::Resumed {
-                        from_seq: after_seq + 1,
-                        to_seq: after_seq + count,
-                    },
-                );
-            }
-            Err(gap) => {
-                let message = format!(
-                    "events after {after_seq} are not available (oldest kept {}, last {}); reload the conversation",
-                    gap.oldest_seq, gap.last_seq
-                );
-                self.send(
-                    ctx,
-                    Control::Error {
-                        request_id,
-                        code: ErrorCode::ResumeGap,
-                        message: &message,
-                        oldest_seq: Some(gap.oldest_seq),
-                        last_seq: Some(gap.last_seq),
-                        retry_after_ms: None,
-                    },
-                );
-            }
-        }
+        let message = format!(
+            "events after {after_seq} are not available (oldest kept {}, last {}); reload the conversation",
+            gap.oldest_seq, gap.last_seq
+        );
+        self.send(
+            ctx,
+            Control::Error {
+                request_id,
+                code: ErrorCode::ResumeGap,
+                message: &message,
+                oldest_seq: Some(gap.oldest_seq),
+                last_seq: Some(gap.last_seq),
+                retry_after_ms: None,
+            },
+        );
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
@@ -334,26 +325,36 @@ impl Session {
             }
             Command::Resume { after_seq, epoch } => {
                 // Only what this connection was not sent: the events before it joined.
-                let ask = self.router.replay.send(Replay {
+                let ask = self.router.resume.send(Resume {
                     user: self.user.clone(),
+                    key: self.key,
                     after_seq,
                     upto: self.covered_from,
                     epoch,
+                    request_id: request_id.as_deref().map(Arc::from),
                 });
                 ctx.wait(
-                    actix::fut::wrap_future(ask).map(
-                        move |answer, act: &mut Self, ctx| match answer {
-                            Ok(replay) => {
-                                act.replayed(request_id.as_deref(), after_seq, replay, ctx)
+                    actix::fut::wrap_future(ask).map(move |answer, act: &mut Self, ctx| {
+                        let rid = request_id.as_deref();
+                        match answer {
+                            Ok(Ok(())) => act.covered_from = act.covered_from.min(after_seq),
+                            Ok(Err(ResumeRefused::Gap(gap))) => {
+                                act.resume_gap(rid, after_seq, gap, ctx)
                             }
+                            Ok(Err(ResumeRefused::InProgress)) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::InvalidField,
+                                "a resume is already replaying on this connection; wait for its resumed",
+                            ),
                             Err(_) => act.refuse(
                                 ctx,
-                                request_id.as_deref(),
+                                rid,
                                 ErrorCode::Internal,
                                 "the event router is unavailable",
                             ),
-                        },
-                    ),
+                        }
+                    }),
                 );
             }
         }
@@ -458,10 +459,18 @@ impl Handler<Push> for Session {
         match msg {
             Push::Event(frame) => {
                 if self.shared.take(&frame, &self.settings.metrics) {
-                    self.last_seq = frame.seq;
+                    self.last_seq = self.last_seq.max(frame.seq);
                     ctx.text(frame.text);
                 }
             }
+            Push::Resumed(note) => self.send(
+                ctx,
+                Control::Resumed {
+                    request_id: note.request_id.as_deref(),
+                    from_seq: note.from_seq,
+                    to_seq: note.to_seq,
+                },
+            ),
             Push::Close(Goodbye::SlowConsumer) => {
                 Self::close(ctx, ws::CloseCode::Other(4008), "slow_consumer")
             }
@@ -500,6 +509,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
             }
             Err(ws::ProtocolError::Overflow) => {
                 Self::close(ctx, ws::CloseCode::Size, "frame too large")
+            }
+            Err(_) if self.frames.verdict() == FrameVerdict::TooLarge => {
+                Self::close(ctx, ws::CloseCode::Size, "frame too large")
+            }
+            Err(_) if self.frames.verdict() == FrameVerdict::TooSlow => {
+                Self::close(ctx, ws::CloseCode::Policy, "frame took too long to arrive")
             }
             Err(e) => {
                 log::debug!("session {} of {}: protocol error {e}", self.id, self.user);
