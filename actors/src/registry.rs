@@ -324,7 +324,9 @@ impl ConnectionRegistry {
     /// the oldest events of whoever holds the most (sessions that still needed them are cut
     /// off at their next feed and resume with `resume_gap`).
     fn enforce_global_budget(&mut self, appending: &UserId) {
-        let max = self.settings.replay_max_bytes;
+        // Down to 15/16 of the budget, so that a server at its budget does not scan every
+        // user at every append.
+        let max = self.settings.replay_max_bytes - self.settings.replay_max_bytes / 16;
         let mut idle: Vec<(Instant, UserId)> = self
             .users
             .iter()
