@@ -219,26 +219,18 @@ impl SessionLink {
                 .as_ref()
                 .filter(|n| cursor.next_seq > n.to_seq)
             {
-                match self.offer(Push::Resumed(note.clone())) {
-                    Offer::Sent => cursor.resumed = None,
-                    Offer::Full => return Pump::Waiting,
-                    Offer::Gone => return Pump::Gone,
+                if let Err(pump) = self.feed(Push::Resumed(note.clone()), metrics) {
+                    return pump;
                 }
+                cursor.resumed = None;
             }
             if cursor.next_seq > last_seq {
                 return Pump::Done;
             }
-            let Some(frame) = log.get(cursor.next_seq) else {
-                return Pump::FellOut;
-            };
-            match self.offer(Push::Event(frame.clone())) {
-                Offer::Sent => {
-                    metrics.delivered(frame.kind).inc();
-                    cursor.next_seq += 1;
-                }
-                Offer::Full => return Pump::Waiting,
-                Offer::Gone => return Pump::Gone,
+            if let Err(pump) = self.feed_seq(log, cursor.next_seq, metrics) {
+                return pump;
             }
+            cursor.next_seq += 1;
         }
     }
 
@@ -249,22 +241,38 @@ impl SessionLink {
         metrics: &Metrics,
     ) -> Pump {
         while backfill.next_seq <= backfill.note.to_seq {
-            let Some(frame) = log.get(backfill.next_seq) else {
-                return Pump::FellOut;
-            };
-            match self.offer(Push::Event(frame.clone())) {
-                Offer::Sent => {
-                    metrics.delivered(frame.kind).inc();
-                    backfill.next_seq += 1;
-                }
-                Offer::Full => return Pump::Waiting,
-                Offer::Gone => return Pump::Gone,
+            if let Err(pump) = self.feed_seq(log, backfill.next_seq, metrics) {
+                return pump;
             }
+            backfill.next_seq += 1;
         }
-        match self.offer(Push::Resumed(backfill.note.clone())) {
-            Offer::Sent => Pump::Done,
-            Offer::Full => Pump::Waiting,
-            Offer::Gone => Pump::Gone,
+        match self.feed(Push::Resumed(backfill.note.clone()), metrics) {
+            Ok(()) => Pump::Done,
+            Err(pump) => pump,
+        }
+    }
+
+    /// Offers the log's frame `seq`.
+    fn feed_seq(&mut self, log: &ReplayBuffer, seq: u64, metrics: &Metrics) -> Result<(), Pump> {
+        let frame = log.get(seq).ok_or(Pump::FellOut)?;
+        self.feed(Push::Event(frame.clone()), metrics)
+    }
+
+    /// Offers a message from the log's feed: `Err` says why the feed stops here.
+    fn feed(&mut self, push: Push, metrics: &Metrics) -> Result<(), Pump> {
+        let kind = match &push {
+            Push::Event(frame) => Some(frame.kind),
+            _ => None,
+        };
+        match self.offer(push) {
+            Offer::Sent => {
+                if let Some(kind) = kind {
+                    metrics.delivered(kind).inc();
+                }
+                Ok(())
+            }
+            Offer::Full => Err(Pump::Waiting),
+            Offer::Gone => Err(Pump::Gone),
         }
     }
 
