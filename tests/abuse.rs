@@ -63,9 +63,7 @@ async fn huge_frame_headers_are_refused_before_their_payload() {
         let header = masked_text_header(len);
 
         // The header alone.
-        let (mut s, status, rest) = raw_upgrade(server.addr, &path, &[], false)
-            .await
-            .unwrap();
+        let (mut s, status, rest) = raw_upgrade(server.addr, &path, &[], false).await.unwrap();
         assert_eq!(status, 101, "upgrade refused");
         let mut frames = FrameReader::new(rest);
         let welcome = frames
@@ -80,19 +78,19 @@ async fn huge_frame_headers_are_refused_before_their_payload() {
             "[abuse] frame header announcing {len} bytes, no payload: close {:?}, connection end {:?} (watched 2 s)",
             ending.close, ending.ended
         );
-        f.check(
-            matches!(ending.close, Some((1009, _))),
-            || format!("header announcing {len} bytes: no close 1009 within 2 s (got {:?})", ending.close),
-        );
+        f.check(matches!(ending.close, Some((1009, _))), || {
+            format!(
+                "header announcing {len} bytes: no close 1009 within 2 s (got {:?})",
+                ending.close
+            )
+        });
         f.check(ending.ended.is_some(), || {
             format!("header announcing {len} bytes: the connection did not end within 2 s")
         });
         drop(s);
 
         // The header, then the payload as fast as the socket takes it, for up to 5 s.
-        let (s, status, rest) = raw_upgrade(server.addr, &path, &[], false)
-            .await
-            .unwrap();
+        let (s, status, rest) = raw_upgrade(server.addr, &path, &[], false).await.unwrap();
         assert_eq!(status, 101, "upgrade refused");
         let (mut rd, mut wr) = s.into_split();
         let mut frames = FrameReader::new(rest);
@@ -142,7 +140,9 @@ async fn huge_frame_headers_are_refused_before_their_payload() {
             watch.baseline_mib()
         );
         f.check(growth < 16.0, || {
-            format!("header announcing {len} bytes then payload: RSS grew {growth:.1} MiB (bound 16)")
+            format!(
+                "header announcing {len} bytes then payload: RSS grew {growth:.1} MiB (bound 16)"
+            )
         });
     }
     f.assert_none("huge frame headers");
@@ -156,9 +156,7 @@ async fn trickling_frame_is_cut_by_the_frame_deadline() {
     let _serial = SERIAL.lock().await;
     let server = Server::start(&[]);
     let path = format!("/v1/ws?token={}", server.token("trickle"));
-    let (s, status, rest) = raw_upgrade(server.addr, &path, &[], false)
-        .await
-        .unwrap();
+    let (s, status, rest) = raw_upgrade(server.addr, &path, &[], false).await.unwrap();
     assert_eq!(status, 101);
     let (mut rd, mut wr) = s.into_split();
     let mut frames = FrameReader::new(rest);
@@ -169,8 +167,7 @@ async fn trickling_frame_is_cut_by_the_frame_deadline() {
     wr.write_all(&masked_text_header(60_000)).await.unwrap();
     let t0 = Instant::now();
     let bound = Duration::from_secs(12);
-    let reader =
-        tokio::spawn(async move { watch_ending(&mut rd, &mut frames, t0, bound).await });
+    let reader = tokio::spawn(async move { watch_ending(&mut rd, &mut frames, t0, bound).await });
     let trickled = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let writer = {
         let trickled = trickled.clone();
@@ -265,11 +262,16 @@ async fn stalled_sse_streams_count_until_reset_and_stay_bounded() {
                 Err(e) => f.fail(format!("cycle {cycle}: opening a stream: {e}")),
             }
         }
-        let (conns, ok) = wait_metric(addr, "agentcast_connections", Duration::from_secs(10), |v| {
-            v >= 8.0
-        })
+        let (conns, ok) = wait_metric(
+            addr,
+            "agentcast_connections",
+            Duration::from_secs(10),
+            |v| v >= 8.0,
+        )
         .await;
-        f.check(ok, || format!("cycle {cycle}: only {conns} connections registered"));
+        f.check(ok, || {
+            format!("cycle {cycle}: only {conns} connections registered")
+        });
 
         // A 9th while the 8 are open.
         match http_once(addr, &ninth_req, Duration::from_secs(5)).await {
@@ -379,14 +381,23 @@ async fn stalled_sse_streams_count_until_reset_and_stay_bounded() {
         drop(stalled);
 
         // Then a new stream gets 200.
-        let (left, ok) =
-            wait_metric(addr, "agentcast_connections", Duration::from_secs(10), |v| v == 0.0)
-                .await;
-        f.check(ok, || format!("cycle {cycle}: {left} connections still counted after the resets"));
+        let (left, ok) = wait_metric(
+            addr,
+            "agentcast_connections",
+            Duration::from_secs(10),
+            |v| v == 0.0,
+        )
+        .await;
+        f.check(ok, || {
+            format!("cycle {cycle}: {left} connections still counted after the resets")
+        });
         match request_head_small(addr, &sse_req, Duration::from_secs(5)).await {
             Ok((s, head, rest)) => {
                 f.check(head.status == 200, || {
-                    format!("cycle {cycle}: a new stream after the resets got {}", head.status)
+                    format!(
+                        "cycle {cycle}: a new stream after the resets got {}",
+                        head.status
+                    )
                 });
                 let mut reader = SseReader::new(s, rest);
                 match reader.next(Instant::now() + Duration::from_secs(5)).await {
@@ -398,7 +409,13 @@ async fn stalled_sse_streams_count_until_reset_and_stay_bounded() {
             }
             Err(e) => f.fail(format!("cycle {cycle}: a new stream after the resets: {e}")),
         }
-        wait_metric(addr, "agentcast_connections", Duration::from_secs(10), |v| v == 0.0).await;
+        wait_metric(
+            addr,
+            "agentcast_connections",
+            Duration::from_secs(10),
+            |v| v == 0.0,
+        )
+        .await;
         if watch.blown() {
             f.fail(format!(
                 "cycle {cycle}: RSS grew {:.1} MiB (bound 64); attack stopped",
@@ -468,7 +485,9 @@ async fn run_records_read_their_events_from_the_bounded_replay_log() {
     };
     let posting = t0.elapsed();
     let done = wait_runs_done(addr, Duration::from_secs(60)).await;
-    f.check(done, || "runs still running 60 s after the last start".into());
+    f.check(done, || {
+        "runs still running 60 s after the last start".into()
+    });
     let growth = watch.peak_growth_mib();
     eprintln!(
         "[abuse] run records: {runs} runs of {steps} think steps ({} byte bodies) in {:.1} s (stopped: {stopped}); server RSS peak +{growth:.1} MiB, now +{:.1} MiB (baseline {:.1} MiB); {:.2} MiB per run",
@@ -498,7 +517,9 @@ async fn run_records_read_their_events_from_the_bounded_replay_log() {
         r.status,
         r.body.len()
     );
-    f.check(r.status == 200, || format!("GET /v1/runs/{{first}}: {}", r.status));
+    f.check(r.status == 200, || {
+        format!("GET /v1/runs/{{first}}: {}", r.status)
+    });
     f.check(truncated == Some(Value::Bool(true)), || {
         format!("GET /v1/runs/{{first}}: truncated {truncated:?}, want true")
     });
@@ -533,7 +554,10 @@ async fn global_replay_budget_evicts_idle_users_first() {
     for _ in 0..RUNS {
         http.start_run(&bx, &body, deadline()).await.unwrap();
     }
-    assert!(wait_runs_done(addr, Duration::from_secs(30)).await, "X's runs did not end");
+    assert!(
+        wait_runs_done(addr, Duration::from_secs(30)).await,
+        "X's runs did not end"
+    );
 
     let (_sink, read, welcome) = connect_tab(&server.ws_url("budget-y", "")).await;
     let first = welcome["last_seq"].as_u64().unwrap() + 1;
@@ -564,8 +588,11 @@ async fn global_replay_budget_evicts_idle_users_first() {
     let (_sx, mut rx, wx) = connect_tab(&server.ws_url("budget-x", "after_seq=0")).await;
     let mut replayed = 0;
     let outcome = loop {
-        match tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::next(&mut rx))
-            .await
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            futures_util::StreamExt::next(&mut rx),
+        )
+        .await
         {
             Ok(Some(Ok(Message::Text(t)))) => {
                 let v: Value = serde_json::from_str(&t).unwrap();
@@ -589,7 +616,11 @@ async fn global_replay_budget_evicts_idle_users_first() {
         format!("X's history was not evicted: resuming from 0 got {outcome}")
     });
     let bytes = metric(addr, "agentcast_replay_bytes").await;
-    let evicted = metric(addr, "agentcast_replay_evicted_total{reason=\"global_bytes\"}").await;
+    let evicted = metric(
+        addr,
+        "agentcast_replay_evicted_total{reason=\"global_bytes\"}",
+    )
+    .await;
     eprintln!("[abuse] global budget: agentcast_replay_bytes {bytes:?}, evicted (global_bytes) {evicted:?}");
     f.check(bytes.is_some_and(|b| b <= 4_194_304.0), || {
         format!("agentcast_replay_bytes {bytes:?}, want present and <= 4194304")
@@ -630,7 +661,10 @@ async fn connect_time_replay_to_clients_that_never_read() {
             .await
             .unwrap();
     }
-    assert!(wait_runs_done(addr, Duration::from_secs(30)).await, "runs did not end");
+    assert!(
+        wait_runs_done(addr, Duration::from_secs(30)).await,
+        "runs did not end"
+    );
     let slow0 = metric(addr, SLOW).await.unwrap_or(0.0);
     drop(http);
     let fds0 = server.fds();
@@ -670,7 +704,9 @@ async fn connect_time_replay_to_clients_that_never_read() {
         watch.baseline_mib(),
         back_after.map_or("NOT within 6 s".into(), |d| format!("after {:.2} s", secs(d)))
     );
-    f.check(opened == 16, || format!("only {opened} of 16 upgrades made before RSS blew"));
+    f.check(opened == 16, || {
+        format!("only {opened} of 16 upgrades made before RSS blew")
+    });
     f.check(growth < 64.0, || {
         format!("{opened} non-reading replays: RSS grew {growth:.1} MiB (bound 64)")
     });
@@ -705,7 +741,10 @@ async fn run_inspection_to_clients_that_never_read() {
         .start_run(&bearer, &body, Instant::now() + Duration::from_secs(30))
         .await
         .unwrap();
-    assert!(wait_runs_done(addr, Duration::from_secs(30)).await, "the run did not end");
+    assert!(
+        wait_runs_done(addr, Duration::from_secs(30)).await,
+        "the run did not end"
+    );
     let path = format!("/v1/runs/{run_id}");
     let whole = http
         .call("GET", &path, &[("Authorization", &bearer)], "")
@@ -722,12 +761,17 @@ async fn run_inspection_to_clients_that_never_read() {
     while socks.len() < 300 && !watch.blown() {
         for _ in 0..25 {
             let mut s = connect_small(addr).await.expect("connect");
-            s.write_all(req.as_bytes()).await.expect("sending 4 requests");
+            s.write_all(req.as_bytes())
+                .await
+                .expect("sending 4 requests");
             socks.push(s);
         }
         let batch = Instant::now();
         while batch.elapsed() < Duration::from_secs(1) && !watch.blown() {
-            if socks[socks.len() - 25..].iter().all(|s| bytes_queued(s) > 0) {
+            if socks[socks.len() - 25..]
+                .iter()
+                .all(|s| bytes_queued(s) > 0)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -776,7 +820,9 @@ async fn run_inspection_to_clients_that_never_read() {
         watch.baseline_mib(),
         settled_after.map_or("NOT back within 5 s".into(), |d| format!("back after {:.2} s", secs(d)))
     );
-    f.check(opened == 300, || format!("only {opened} of 300 connections made before RSS blew"));
+    f.check(opened == 300, || {
+        format!("only {opened} of 300 connections made before RSS blew")
+    });
     f.check(hanging < 64.0, || {
         format!("{opened} non-reading run inspections: RSS grew {hanging:.1} MiB (bound 64)")
     });
@@ -808,14 +854,32 @@ async fn reading_tabs_never_lose_events() {
         let per_run = 5002u64;
         let stall = Duration::from_secs(10);
         let overall = Duration::from_secs(120);
-        let t1 = tokio::spawn(read_tab(read1, "tab 1".into(), first1, runs, stall, overall));
-        let t2 = tokio::spawn(read_tab(read2, "tab 2".into(), first2, runs, stall, overall));
+        let t1 = tokio::spawn(read_tab(
+            read1,
+            "tab 1".into(),
+            first1,
+            runs,
+            stall,
+            overall,
+        ));
+        let t2 = tokio::spawn(read_tab(
+            read2,
+            "tab 2".into(),
+            first2,
+            runs,
+            stall,
+            overall,
+        ));
         let started = Instant::now();
         for i in 0..runs {
             let frame = format!(
                 r#"{{"type":"start_run","request_id":"r{i}","agent":"scripted","input":{{"steps":[{steps}]}}}}"#
             );
-            assert!(frame.len() < 65_536, "start_run frame of {} bytes", frame.len());
+            assert!(
+                frame.len() < 65_536,
+                "start_run frame of {} bytes",
+                frame.len()
+            );
             if let Err(e) = sink1.send(Message::text(frame)).await {
                 f.fail(format!("{runs} runs: sending start_run {i}: {e}"));
                 break;
@@ -938,14 +1002,20 @@ async fn sse_resume_and_live_bursts_reach_a_fast_reader() {
     );
     const EVENTS: u64 = 4002;
     let slow0 = metric(addr, SLOW).await.unwrap_or(0.0);
-    let warns0 = server.log.slow_consumer_warns.load(std::sync::atomic::Ordering::Relaxed);
+    let warns0 = server
+        .log
+        .slow_consumer_warns
+        .load(std::sync::atomic::Ordering::Relaxed);
 
     // Resume of a buffered history.
     let resumer = server.bearer("sse-resumer");
     http.start_run(&resumer, &body, Instant::now() + Duration::from_secs(30))
         .await
         .unwrap();
-    assert!(wait_runs_done(addr, Duration::from_secs(30)).await, "the run did not end");
+    assert!(
+        wait_runs_done(addr, Duration::from_secs(30)).await,
+        "the run did not end"
+    );
     let req = get_request(
         addr,
         "/v1/events",
@@ -999,20 +1069,30 @@ async fn sse_resume_and_live_bursts_reach_a_fast_reader() {
         secs(t0.elapsed())
     );
     f.check(
-        tally.events == EVENTS && tally.breaks == 0 && tally.heartbeat_after && tally.stopped.is_none(),
+        tally.events == EVENTS
+            && tally.breaks == 0
+            && tally.heartbeat_after
+            && tally.stopped.is_none(),
         || format!("SSE live burst of {EVENTS} events: {tally:?}"),
     );
     drop(reader);
 
     let slow = metric(addr, SLOW).await.unwrap_or(0.0) - slow0;
-    let warns =
-        server.log.slow_consumer_warns.load(std::sync::atomic::Ordering::Relaxed) - warns0;
+    let warns = server
+        .log
+        .slow_consumer_warns
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - warns0;
     eprintln!(
         "[abuse] SSE fast readers: {slow} slow-consumer closes, {warns} WARN lines about slow consumers (first: {:?})",
         server.log.first_warns().first()
     );
-    f.check(slow == 0.0, || format!("{slow} fast SSE readers closed as slow consumers"));
-    f.check(warns == 0, || format!("{warns} WARN lines about slow consumers in the log"));
+    f.check(slow == 0.0, || {
+        format!("{slow} fast SSE readers closed as slow consumers")
+    });
+    f.check(warns == 0, || {
+        format!("{warns} WARN lines about slow consumers in the log")
+    });
     f.assert_none("SSE fast readers");
 }
 

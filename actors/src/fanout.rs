@@ -25,6 +25,10 @@ use crate::router::{Push, ResetHandle, ResumedNote, SessionShared};
 /// A session with frames waiting that writes nothing for this long is not reading.
 pub const STALL_LIMIT: Duration = Duration::from_secs(1);
 
+/// Bytes of events queued for one session (its mailbox) before it counts as full, whatever
+/// `--outbound-queue` says in frames: what a stalled connection pins beyond the log.
+pub const QUEUE_BYTES: u64 = 1024 * 1024;
+
 /// What became of a frame offered to a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
@@ -69,6 +73,8 @@ pub struct SessionLink {
     pub reset: Option<ResetHandle>,
     /// Events offered to it: with its `written` count, the depth of its queue.
     pub sent: u64,
+    /// Their bytes.
+    sent_bytes: u64,
     behind: Option<Cursor>,
     backfill: Option<Backfill>,
     /// Its `written` count when last looked at, and since when that has not moved while it
@@ -91,6 +97,7 @@ impl SessionLink {
             shared,
             reset,
             sent: 0,
+            sent_bytes: 0,
             behind: None,
             backfill: None,
             written_seen: 0,
@@ -126,11 +133,23 @@ impl SessionLink {
     }
 
     fn offer(&mut self, push: Push) -> Offer {
-        let event = matches!(push, Push::Event(_));
+        let bytes = match &push {
+            Push::Event(frame) => {
+                let queued = self
+                    .sent_bytes
+                    .saturating_sub(self.shared.written_bytes.load(Ordering::Relaxed));
+                if queued >= QUEUE_BYTES {
+                    return Offer::Full;
+                }
+                Some(frame.text.len() as u64)
+            }
+            _ => None,
+        };
         match self.push.try_send(push) {
             Ok(()) => {
-                if event {
+                if let Some(bytes) = bytes {
                     self.sent += 1;
+                    self.sent_bytes += bytes;
                 }
                 Offer::Sent
             }

@@ -49,6 +49,8 @@ pub struct SessionShared {
     /// Events the session has written: with the registry's count of events sent, the depth
     /// of its outbound queue.
     pub written: AtomicU64,
+    /// Their bytes: with the registry's count of bytes sent, what its queue holds.
+    pub written_bytes: AtomicU64,
 }
 
 impl SessionShared {
@@ -60,6 +62,10 @@ impl SessionShared {
         }
         self.written
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.written_bytes.fetch_add(
+            frame.text.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let Ok(latency) = frame.emitted.elapsed() {
             metrics.delivery_latency.observe(latency.as_secs_f64());
         }

@@ -418,7 +418,9 @@ pub async fn read_until_end(
             Ok(Ok(n)) => {
                 total += n;
                 if total > cap {
-                    return Err(format!("still streaming: read {total} bytes without an end"));
+                    return Err(format!(
+                        "still streaming: read {total} bytes without an end"
+                    ));
                 }
             }
             Ok(Err(e)) => return Ok((total, format!("{e}"))),
@@ -707,7 +709,9 @@ impl FrameReader {
         let len7 = (self.buf[1] & 0x7f) as usize;
         let masked = self.buf[1] & 0x80 != 0;
         let (len, mut at) = match len7 {
-            126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
+            126 if self.buf.len() >= 4 => {
+                (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+            }
             126 => return None,
             127 if self.buf.len() >= 10 => (
                 u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
@@ -727,11 +731,7 @@ impl FrameReader {
         Some((opcode, payload))
     }
 
-    pub async fn next(
-        &mut self,
-        s: &mut (impl AsyncReadExt + Unpin),
-        deadline: Instant,
-    ) -> Got {
+    pub async fn next(&mut self, s: &mut (impl AsyncReadExt + Unpin), deadline: Instant) -> Got {
         loop {
             if let Some((op, payload)) = self.parse() {
                 return Got::Frame(op, payload);
@@ -1064,7 +1064,8 @@ pub async fn read_tab(
                 let head: Head = match serde_json::from_str(t.as_str()) {
                     Ok(h) => h,
                     Err(e) => {
-                        r.errors.push(format!("unparsable frame ({e}): {}", short(&t)));
+                        r.errors
+                            .push(format!("unparsable frame ({e}): {}", short(&t)));
                         continue;
                     }
                 };
@@ -1084,9 +1085,11 @@ pub async fn read_tab(
                 } else {
                     match head.ty {
                         "ack" => r.acks.push(head.run_id.unwrap_or("").to_string()),
-                        "error" => r
-                            .errors
-                            .push(format!("error {}: {}", head.code.unwrap_or("?"), short(&t))),
+                        "error" => r.errors.push(format!(
+                            "error {}: {}",
+                            head.code.unwrap_or("?"),
+                            short(&t)
+                        )),
                         "resumed" => r.errors.push(format!("unexpected resumed: {}", short(&t))),
                         _ => {}
                     }
