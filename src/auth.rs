@@ -70,10 +70,113 @@ pub fn sign(secret: &str, sub: &str, exp_unix_secs: u64) -> String {
     .unwrap_or_default()
 }
 
-/// A user id is 1 to 128 printable characters.
-pub fn valid_user_id(sub: &str) -> bool {
+/// What is wrong with a user id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserIdError {
+    Empty,
+    TooLong,
+    /// Starts or ends with white space, or is only spaces.
+    EdgeSpace,
+    /// A character that is not allowed anywhere: the character and what kind it is.
+    Char(char, &'static str),
+}
+
+impl std::fmt::Display for UserIdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a user id must be 1 to 128 printable characters")?;
+        match self {
+            UserIdError::Empty => f.write_str(": this one is empty"),
+            UserIdError::TooLong => f.write_str(": this one is longer"),
+            UserIdError::EdgeSpace => {
+                f.write_str(": this one starts or ends with a space (or is only spaces)")
+            }
+            UserIdError::Char(c, kind) => write!(f, ": this one has U+{:04X}, {kind}", *c as u32),
+        }
+    }
+}
+
+impl std::error::Error for UserIdError {}
+
+/// General category Cf (format characters), as of Unicode 15.1: invisible characters that
+/// change how the text around them is shown (zero-width space and joiners, bidi embeddings,
+/// overrides and isolates, the BOM, tags). A user id with one of them can look exactly like
+/// another user's id. Sorted, inclusive. The standard library has no category lookup and
+/// these ranges change rarely (Unicode 15.0 added U+13439..U+1343F), so a table beats a crate.
+const FORMAT_CHARS: &[(u32, u32)] = &[
+    (0x00AD, 0x00AD),   // SOFT HYPHEN
+    (0x0600, 0x0605),   // ARABIC NUMBER SIGN .. ARABIC NUMBER MARK ABOVE
+    (0x061C, 0x061C),   // ARABIC LETTER MARK
+    (0x06DD, 0x06DD),   // ARABIC END OF AYAH
+    (0x070F, 0x070F),   // SYRIAC ABBREVIATION MARK
+    (0x0890, 0x0891),   // ARABIC POUND MARK ABOVE .. ARABIC PIASTRE MARK ABOVE
+    (0x08E2, 0x08E2),   // ARABIC DISPUTED END OF AYAH
+    (0x180E, 0x180E),   // MONGOLIAN VOWEL SEPARATOR
+    (0x200B, 0x200F),   // ZERO WIDTH SPACE, ZWNJ, ZWJ, LEFT-TO-RIGHT MARK, RIGHT-TO-LEFT MARK
+    (0x202A, 0x202E),   // LEFT-TO-RIGHT EMBEDDING .. RIGHT-TO-LEFT OVERRIDE
+    (0x2060, 0x2064),   // WORD JOINER .. INVISIBLE PLUS
+    (0x2066, 0x206F),   // LEFT-TO-RIGHT ISOLATE .. NOMINAL DIGIT SHAPES
+    (0xFEFF, 0xFEFF),   // ZERO WIDTH NO-BREAK SPACE (BOM)
+    (0xFFF9, 0xFFFB),   // INTERLINEAR ANNOTATION ANCHOR .. TERMINATOR
+    (0x110BD, 0x110BD), // KAITHI NUMBER SIGN
+    (0x110CD, 0x110CD), // KAITHI NUMBER SIGN ABOVE
+    (0x13430, 0x1343F), // EGYPTIAN HIEROGLYPH VERTICAL JOINER .. END WALLED ENCLOSURE
+    (0x1BCA0, 0x1BCA3), // SHORTHAND FORMAT LETTER OVERLAP .. UP STEP
+    (0x1D173, 0x1D17A), // MUSICAL SYMBOL BEGIN BEAM .. END PHRASE
+    (0xE0001, 0xE0001), // LANGUAGE TAG
+    (0xE0020, 0xE007F), // TAG SPACE .. CANCEL TAG
+];
+
+/// True for a character of general category Cf.
+pub fn is_format_char(c: char) -> bool {
+    let c = c as u32;
+    FORMAT_CHARS
+        .binary_search_by(|&(lo, hi)| {
+            if hi < c {
+                std::cmp::Ordering::Less
+            } else if lo > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
+}
+
+/// Checks a user id (a token's `sub`, `POST /v1/dev/token`'s `user`, `agentcast token USER`):
+/// 1 to 128 characters; no control (Cc), format (Cf), line (Zl) or paragraph (Zp) separator;
+/// no white space but U+0020 (a no-break or ideographic space renders like a space: spoofing);
+/// no space at either end.
+pub fn check_user_id(sub: &str) -> Result<(), UserIdError> {
     let n = sub.chars().count();
-    (1..=MAX_USER_ID).contains(&n) && !sub.chars().any(char::is_control)
+    if n == 0 {
+        return Err(UserIdError::Empty);
+    }
+    if n > MAX_USER_ID {
+        return Err(UserIdError::TooLong);
+    }
+    for c in sub.chars() {
+        let kind = if c.is_control() {
+            "a control character"
+        } else if is_format_char(c) {
+            "a format character (zero-width, bidi, BOM or tag)"
+        } else if c == '\u{2028}' || c == '\u{2029}' {
+            "a line or paragraph separator"
+        } else if c.is_whitespace() && c != ' ' {
+            "white space other than a plain space"
+        } else {
+            continue;
+        };
+        return Err(UserIdError::Char(c, kind));
+    }
+    if sub.starts_with(' ') || sub.ends_with(' ') {
+        return Err(UserIdError::EdgeSpace);
+    }
+    Ok(())
+}
+
+/// A user id is 1 to 128 printable characters (see [`check_user_id`]).
+pub fn valid_user_id(sub: &str) -> bool {
+    check_user_id(sub).is_ok()
 }
 
 /// Checks a token and returns its user id.
@@ -153,5 +256,125 @@ mod tests {
         // {"alg":"none"} with an empty signature.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.";
         assert_eq!(verify("s", none), Err(AuthError::Invalid));
+    }
+
+    fn refused_as(sub: &str) -> &'static str {
+        match check_user_id(sub) {
+            Ok(()) => panic!("{sub:?} was accepted"),
+            Err(UserIdError::Char(_, kind)) => kind,
+            Err(UserIdError::EdgeSpace) => "edge",
+            Err(UserIdError::Empty) => "empty",
+            Err(UserIdError::TooLong) => "long",
+        }
+    }
+
+    #[test]
+    fn user_id_length() {
+        assert_eq!(check_user_id(""), Err(UserIdError::Empty));
+        assert_eq!(check_user_id(&"x".repeat(129)), Err(UserIdError::TooLong));
+        assert!(valid_user_id(&"x".repeat(128)));
+        // Characters, not bytes.
+        assert!(valid_user_id(&"é".repeat(128)));
+        assert!(valid_user_id("a"));
+    }
+
+    #[test]
+    fn user_id_control_characters_cc() {
+        for s in [
+            "a\u{0}b", "a\u{7}b", "a\nb", "a\tb", "a\u{1b}b", "\u{7f}", "a\u{85}b", "a\u{9f}b",
+        ] {
+            assert_eq!(refused_as(s), "a control character", "{s:?}");
+        }
+    }
+
+    #[test]
+    fn user_id_format_characters_cf() {
+        for c in [
+            '\u{00AD}',
+            '\u{061C}',
+            '\u{180E}',
+            '\u{200B}',
+            '\u{200C}',
+            '\u{200D}',
+            '\u{200E}',
+            '\u{200F}',
+            '\u{202A}',
+            '\u{202E}',
+            '\u{2060}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{FEFF}',
+            '\u{FFF9}',
+            '\u{110BD}',
+            '\u{1343F}',
+            '\u{1D173}',
+            '\u{E0001}',
+            '\u{E0041}',
+            '\u{E007F}',
+        ] {
+            let s = format!("ali{c}ce");
+            assert!(is_format_char(c), "U+{:04X}", c as u32);
+            assert!(
+                refused_as(&s).starts_with("a format character"),
+                "U+{:04X}",
+                c as u32
+            );
+        }
+        // Neighbours of the ranges are ordinary characters.
+        for c in [
+            '\u{00AC}',
+            '\u{00AE}',
+            '\u{2010}',
+            '\u{2065}',
+            '\u{FEFE}',
+            '\u{E0080}',
+            'a',
+        ] {
+            assert!(!is_format_char(c), "U+{:04X}", c as u32);
+        }
+        // The table is sorted and its ranges do not overlap (binary search relies on it).
+        assert!(FORMAT_CHARS.windows(2).all(|w| w[0].1 < w[1].0));
+        assert!(FORMAT_CHARS.iter().all(|(lo, hi)| lo <= hi));
+    }
+
+    #[test]
+    fn user_id_line_and_paragraph_separators() {
+        assert_eq!(refused_as("a\u{2028}b"), "a line or paragraph separator");
+        assert_eq!(refused_as("a\u{2029}b"), "a line or paragraph separator");
+    }
+
+    #[test]
+    fn user_id_white_space_other_than_space() {
+        for c in [
+            '\u{A0}', '\u{1680}', '\u{2000}', '\u{2007}', '\u{200A}', '\u{202F}', '\u{205F}',
+            '\u{3000}',
+        ] {
+            let s = format!("ali{c}ce");
+            assert_eq!(
+                refused_as(&s),
+                "white space other than a plain space",
+                "U+{:04X}",
+                c as u32
+            );
+        }
+    }
+
+    #[test]
+    fn user_id_spaces_inside_only() {
+        assert!(valid_user_id("alice smith"));
+        assert!(valid_user_id("a b c"));
+        for s in [" alice", "alice ", " ", "   ", " a "] {
+            assert_eq!(check_user_id(s), Err(UserIdError::EdgeSpace), "{s:?}");
+        }
+        // Non-Latin printable ids are fine.
+        for s in ["アリス", "Ωμέγα", "user@example.com", "😀", "a\u{301}"] {
+            assert!(valid_user_id(s), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn user_id_error_names_the_character() {
+        let e = check_user_id("ali\u{202E}ce").unwrap_err();
+        assert!(e.to_string().contains("U+202E"), "{e}");
     }
 }

@@ -45,8 +45,8 @@ fn main() -> ExitCode {
             ttl_secs,
             jwt_secret,
         }) => {
-            if !auth::valid_user_id(&user) {
-                eprintln!("agentcast: USER must be 1 to 128 printable characters");
+            if let Err(e) = auth::check_user_id(&user) {
+                eprintln!("agentcast: USER: {e}");
                 return ExitCode::from(2);
             }
             let secret = jwt_secret.unwrap_or_else(|| {

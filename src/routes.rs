@@ -199,11 +199,11 @@ async fn dev_token(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse
             "body must be {\"user\":\"...\"}",
         );
     };
-    if !auth::valid_user_id(&ask.user) {
+    if let Err(e) = auth::check_user_id(&ask.user) {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_field",
-            "user must be 1 to 128 printable characters",
+            &format!("user: {e}"),
         );
     }
     let token = auth::sign(&state.secret, &ask.user, auth::now_unix() + 86_400);
