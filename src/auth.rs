@@ -1,49 +1,94 @@
-//! Who is calling: HS256 JWTs with `sub` (the user id) and a required `exp`
-//! (PROTOCOL.md §1). Verified before the WebSocket upgrade; a refusal is a 401.
+//! Who is calling: the token of a request, the rules for a user id, why a token is refused,
+//! and signing HS256 tokens (PROTOCOL.md §1). Checking a token against the configured keys is
+//! [`crate::keys::Verifier`]; a refusal is a 401 before any upgrade.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::HttpRequest;
-use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
-/// Longest user id.
+/// Longest user id, in characters.
 pub const MAX_USER_ID: usize = 128;
 
+/// Longest token accepted, in bytes. An RS256 token with a handful of claims is under 1 KiB;
+/// anything near this is not a token this server issued or expects.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// The claims this server reads (and writes when it signs). `exp` and `sub` are required;
+/// `nbf` and `iat` are honoured when present; `iss` and `aud` are checked when the server is
+/// configured with `--jwt-issuer` / `--jwt-audience`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Read as JSON so that a fractional NumericDate is accepted as RFC 7519 allows; checked
+    /// by the verifier (jsonwebtoken does not look at `iat`).
+    #[serde(default, skip_serializing)]
+    pub iat: Option<serde_json::Value>,
 }
 
-/// Why a token was refused. All of them are a 401; the message helps the caller fix it.
+/// Why a request's token was refused. All of them are a 401; the message helps the caller
+/// fix it, and [`AuthError::reason`] labels the metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthError {
+    /// No token at all.
     Missing,
+    /// Longer than [`MAX_TOKEN_BYTES`].
+    TooLong,
+    /// Not a JWT, an algorithm or key this server does not accept, a bad signature, or
+    /// `sub`/`exp` missing or of the wrong type.
     Invalid,
     Expired,
+    /// `nbf` or `iat` in the future.
+    NotYetValid,
     BadSubject,
+    /// `--jwt-issuer` is set and `iss` is missing or different.
+    BadIssuer,
+    /// `aud` is missing while `--jwt-audience` is set, or does not name it.
+    BadAudience,
 }
 
 impl std::fmt::Display for AuthError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             AuthError::Missing => "no token: send Authorization: Bearer <token> or ?token=<token>",
+            AuthError::TooLong => "the token is longer than 8192 bytes",
             AuthError::Invalid => "the token is malformed, wrongly signed, or lacks sub or exp",
             AuthError::Expired => "the token has expired",
-            AuthError::BadSubject => "the token's sub must be 1 to 128 printable characters",
+            AuthError::NotYetValid => {
+                "the token is not valid yet (its nbf or iat is in the future)"
+            }
+            AuthError::BadSubject => {
+                "the token's sub must be 1 to 128 printable characters \
+                 (no control or format characters, no white space but inner spaces)"
+            }
+            AuthError::BadIssuer => {
+                "the token's iss is missing or not the issuer this server accepts"
+            }
+            AuthError::BadAudience => "the token's aud is missing or does not name this server",
         })
     }
 }
+
+impl std::error::Error for AuthError {}
 
 impl AuthError {
     /// A label for metrics.
     pub fn reason(self) -> &'static str {
         match self {
             AuthError::Missing => "missing",
+            AuthError::TooLong => "too_long",
             AuthError::Invalid => "invalid",
             AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
             AuthError::BadSubject => "bad_subject",
+            AuthError::BadIssuer => "bad_issuer",
+            AuthError::BadAudience => "bad_audience",
         }
     }
 }
@@ -55,19 +100,62 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Signs a token for `sub` that expires at `exp_unix_secs`.
+/// Signs HS256 tokens: the server's (or the dev-mode) secret, plus the issuer and audience the
+/// server checks, so that a token it hands out is one it accepts.
+#[derive(Clone)]
+pub struct Signer {
+    secret: String,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("secret", &"[hidden]")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+impl Signer {
+    pub fn new(secret: &str, issuer: Option<&str>, audience: Option<&str>) -> Signer {
+        Signer {
+            secret: secret.to_string(),
+            issuer: issuer.map(str::to_string),
+            audience: audience.map(str::to_string),
+        }
+    }
+
+    /// A token for `sub` that expires at `exp_unix_secs`.
+    pub fn sign(&self, sub: &str, exp_unix_secs: u64) -> String {
+        let claims = Claims {
+            sub: sub.to_string(),
+            exp: exp_unix_secs,
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            iat: None,
+        };
+        // HMAC signing of a plain struct has no failure mode.
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(self.secret.as_bytes()),
+        )
+        .unwrap_or_default()
+    }
+}
+
+/// Signs a token for `sub` that expires at `exp_unix_secs`, with `secret` and no other claim.
 pub fn sign(secret: &str, sub: &str, exp_unix_secs: u64) -> String {
-    let claims = Claims {
-        sub: sub.to_string(),
-        exp: exp_unix_secs,
-    };
-    // HMAC signing of a plain struct has no failure mode.
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap_or_default()
+    Signer::new(secret, None, None).sign(sub, exp_unix_secs)
+}
+
+/// Checks a token against one HS256 secret and returns its user id: a shorthand for
+/// [`crate::keys::Verifier::hs256`]`(secret).verify(token)`.
+pub fn verify(secret: &str, token: &str) -> Result<String, AuthError> {
+    crate::keys::Verifier::hs256(secret).verify(token)
 }
 
 /// What is wrong with a user id.
@@ -177,26 +265,6 @@ pub fn check_user_id(sub: &str) -> Result<(), UserIdError> {
 /// A user id is 1 to 128 printable characters (see [`check_user_id`]).
 pub fn valid_user_id(sub: &str) -> bool {
     check_user_id(sub).is_ok()
-}
-
-/// Checks a token and returns its user id.
-pub fn verify(secret: &str, token: &str) -> Result<String, AuthError> {
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.leeway = 0;
-    validation.set_required_spec_claims(&["exp", "sub"]);
-    let data = decode::<Claims>(
-        token,
-        &DecodingKey::from_secret(secret.as_bytes()),
-        &validation,
-    )
-    .map_err(|e| match e.kind() {
-        jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-        _ => AuthError::Invalid,
-    })?;
-    if !valid_user_id(&data.claims.sub) {
-        return Err(AuthError::BadSubject);
-    }
-    Ok(data.claims.sub)
 }
 
 /// The token of a request: the `Authorization: Bearer` header, else the `token` query parameter.

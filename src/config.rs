@@ -7,12 +7,15 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::auth::Signer;
+use crate::keys::KeySettings;
+
 /// The secret used when none is configured. Dev mode only: the server then refuses to bind
 /// anything but a loopback address, so tokens signed with this well-known value cannot reach
 /// a network.
 pub const DEV_SECRET: &str = "agentcast-dev-mode-secret-do-not-use-in-production";
 
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "AGENTCAST_BIND", default_value = "127.0.0.1:8080")]
@@ -22,6 +25,25 @@ pub struct Config {
     /// loopback only, a well-known secret, and `POST /v1/dev/token` hands out tokens.
     #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// HS256 secrets that still verify tokens but sign none, comma-separated: the old secret
+    /// after a rotation, until the tokens signed with it have expired.
+    #[arg(
+        long,
+        env = "AGENTCAST_JWT_PREVIOUS_SECRETS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub jwt_previous_secrets: Vec<String>,
+
+    /// When set, tokens must carry this `iss` (and the tokens the server signs carry it).
+    #[arg(long, env = "AGENTCAST_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, tokens must name this in `aud` (and the tokens the server signs carry it).
+    /// When not set, a token with an `aud` is refused: it was meant for another service.
+    #[arg(long, env = "AGENTCAST_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
 
     /// A run still going after this long ends with status `timed_out`.
     #[arg(long, env = "AGENTCAST_RUN_TIMEOUT_MS", default_value_t = 300_000)]
@@ -116,6 +138,9 @@ impl Default for Config {
         Config {
             bind: "127.0.0.1:8080".into(),
             jwt_secret: None,
+            jwt_previous_secrets: Vec::new(),
+            jwt_issuer: None,
+            jwt_audience: None,
             run_timeout_ms: 300_000,
             max_runs_per_user: 16,
             replay_capacity: 10_000,
@@ -137,12 +162,47 @@ impl Default for Config {
     }
 }
 
+/// Secrets are shown as `[hidden]`: a configuration may end up in a log.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "[hidden]");
+        f.debug_struct("Config")
+            .field("bind", &self.bind)
+            .field("jwt_secret", &hidden(&self.jwt_secret))
+            .field("jwt_previous_secrets", &self.jwt_previous_secrets.len())
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("run_timeout_ms", &self.run_timeout_ms)
+            .field("max_runs_per_user", &self.max_runs_per_user)
+            .field("replay_capacity", &self.replay_capacity)
+            .field("replay_user_max_bytes", &self.replay_user_max_bytes)
+            .field("replay_max_bytes", &self.replay_max_bytes)
+            .field("replay_ttl_secs", &self.replay_ttl_secs)
+            .field("outbound_queue", &self.outbound_queue)
+            .field("slow_consumer_grace_ms", &self.slow_consumer_grace_ms)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "[hidden]"))
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("workers", &self.workers)
+            .field("drain_secs", &self.drain_secs)
+            .field("runs_per_minute", &self.runs_per_minute)
+            .field("max_connections_per_user", &self.max_connections_per_user)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
 /// What is wrong with a configuration; the server refuses to start with any of these.
 #[derive(Debug)]
 pub enum ConfigError {
     BadBind(String),
     DevModeNotLoopback(SocketAddr),
     EmptySecret,
+    /// `--jwt-previous-secrets` without a key of the server's own.
+    PreviousSecretsAlone,
+    /// A flag set to the empty string.
+    Empty(&'static str),
     RedisNotAvailable,
     Zero(&'static str),
 }
@@ -157,6 +217,11 @@ impl std::fmt::Display for ConfigError {
                  set AGENTCAST_JWT_SECRET or bind 127.0.0.1"
             ),
             ConfigError::EmptySecret => write!(f, "--jwt-secret is empty"),
+            ConfigError::PreviousSecretsAlone => write!(
+                f,
+                "--jwt-previous-secrets only verify tokens: set --jwt-secret too"
+            ),
+            ConfigError::Empty(name) => write!(f, "--{name} is empty"),
             ConfigError::RedisNotAvailable => write!(
                 f,
                 "--redis-url is not supported by this build yet: leave it unset for in-process routing and replay"
@@ -180,6 +245,20 @@ impl Config {
             Some(_) => {}
             None if !addr.ip().is_loopback() => return Err(ConfigError::DevModeNotLoopback(addr)),
             None => {}
+        }
+        if self.jwt_previous_secrets.iter().any(String::is_empty) {
+            return Err(ConfigError::Empty("jwt-previous-secrets"));
+        }
+        if !self.jwt_previous_secrets.is_empty() && self.dev_mode() {
+            return Err(ConfigError::PreviousSecretsAlone);
+        }
+        for (name, v) in [
+            ("jwt-issuer", &self.jwt_issuer),
+            ("jwt-audience", &self.jwt_audience),
+        ] {
+            if v.as_deref().is_some_and(str::is_empty) {
+                return Err(ConfigError::Empty(name));
+            }
         }
         if self.redis_url.is_some() {
             return Err(ConfigError::RedisNotAvailable);
@@ -209,14 +288,43 @@ impl Config {
         Ok(addr)
     }
 
-    /// True when no secret is configured.
+    /// True when no key is configured: tokens are signed and checked with [`DEV_SECRET`].
     pub fn dev_mode(&self) -> bool {
         self.jwt_secret.is_none()
     }
 
-    /// The secret tokens are signed and checked with.
-    pub fn secret(&self) -> &str {
-        self.jwt_secret.as_deref().unwrap_or(DEV_SECRET)
+    /// The secret the server signs tokens with: `--jwt-secret`, or [`DEV_SECRET`] in dev mode.
+    pub fn signing_secret(&self) -> Option<&str> {
+        match &self.jwt_secret {
+            Some(s) => Some(s),
+            None if self.dev_mode() => Some(DEV_SECRET),
+            None => None,
+        }
+    }
+
+    /// What tokens are checked against: the signing secret, then the previous ones.
+    pub fn key_settings(&self) -> KeySettings {
+        KeySettings {
+            secrets: self
+                .signing_secret()
+                .into_iter()
+                .map(str::to_string)
+                .chain(self.jwt_previous_secrets.iter().cloned())
+                .collect(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+        }
+    }
+
+    /// Signs tokens the server accepts; None when the server holds no secret to sign with.
+    pub fn signer(&self) -> Option<Signer> {
+        self.signing_secret().map(|secret| {
+            Signer::new(
+                secret,
+                self.jwt_issuer.as_deref(),
+                self.jwt_audience.as_deref(),
+            )
+        })
     }
 
     pub fn worker_count(&self) -> usize {
@@ -229,5 +337,58 @@ impl Config {
 
     pub fn run_timeout(&self) -> Duration {
         Duration::from_millis(self.run_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec!["agentcast"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all) {
+            Ok(cli) => cli.config,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn previous_secrets_are_comma_separated() {
+        let c = parse(&["--jwt-secret", "s", "--jwt-previous-secrets", "a,b"]);
+        assert_eq!(c.jwt_previous_secrets, vec!["a", "b"]);
+        let settings = c.key_settings();
+        assert_eq!(settings.secrets, vec!["s", "a", "b"]);
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output() {
+        let c = parse(&[
+            "--jwt-secret",
+            "hunter2-secret",
+            "--jwt-previous-secrets",
+            "old-one",
+        ]);
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("old-one"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn empty_issuer_or_audience_is_refused() {
+        for flag in ["--jwt-issuer", "--jwt-audience"] {
+            let c = parse(&["--jwt-secret", "s", flag, ""]);
+            assert!(c.validate().is_err(), "{flag} \"\"");
+        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod keys;
 pub mod routes;
 pub mod runs;
 pub mod server;

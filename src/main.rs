@@ -33,6 +33,12 @@ enum Command {
         ttl_secs: u64,
         #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
+        /// The `iss` the server checks (`serve --jwt-issuer`).
+        #[arg(long, env = "AGENTCAST_JWT_ISSUER")]
+        jwt_issuer: Option<String>,
+        /// The `aud` the server checks (`serve --jwt-audience`).
+        #[arg(long, env = "AGENTCAST_JWT_AUDIENCE")]
+        jwt_audience: Option<String>,
     },
 }
 
@@ -44,6 +50,8 @@ fn main() -> ExitCode {
             user,
             ttl_secs,
             jwt_secret,
+            jwt_issuer,
+            jwt_audience,
         }) => {
             if let Err(e) = auth::check_user_id(&user) {
                 eprintln!("agentcast: USER: {e}");
@@ -53,10 +61,8 @@ fn main() -> ExitCode {
                 eprintln!("agentcast: no --jwt-secret; this token only works on a dev-mode server");
                 DEV_SECRET.to_string()
             });
-            println!(
-                "{}",
-                auth::sign(&secret, &user, auth::now_unix() + ttl_secs)
-            );
+            let signer = auth::Signer::new(&secret, jwt_issuer.as_deref(), jwt_audience.as_deref());
+            println!("{}", signer.sign(&user, auth::now_unix() + ttl_secs));
             ExitCode::SUCCESS
         }
         Some(Command::Serve(config)) => run(config),

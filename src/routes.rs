@@ -15,7 +15,8 @@ use agentcast_actors::session::SessionSettings;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{self, AuthError};
+use crate::auth::{self, AuthError, Signer};
+use crate::keys::KeyStore;
 
 /// Shared by every worker.
 pub struct AppState {
@@ -23,7 +24,10 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub sessions: SessionSettings,
     pub metrics: Arc<Metrics>,
-    pub secret: String,
+    /// Checks tokens; its verifier may be swapped while serving.
+    pub keys: Arc<KeyStore>,
+    /// Signs the dev-mode tokens; None when the server holds no secret.
+    pub signer: Option<Signer>,
     /// Set when the server starts to stop: new requests are refused with 503.
     pub draining: AtomicBool,
 }
@@ -86,7 +90,7 @@ pub fn authenticate(
 ) -> Result<String, HttpResponse> {
     let verified = auth::token_of(req, query_token)
         .ok_or(AuthError::Missing)
-        .and_then(|token| auth::verify(&state.secret, &token));
+        .and_then(|token| state.keys.verify(&token));
     verified.map_err(|e| {
         log::info!("refused {} {}: {e}", req.method(), req.path());
         state.metrics.auth_failure(e.reason());
@@ -206,6 +210,13 @@ async fn dev_token(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse
             &format!("user: {e}"),
         );
     }
-    let token = auth::sign(&state.secret, &ask.user, auth::now_unix() + 86_400);
+    let Some(signer) = &state.signer else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "invalid_field",
+            "this server does not sign tokens",
+        );
+    };
+    let token = signer.sign(&ask.user, auth::now_unix() + 86_400);
     HttpResponse::Ok().json(json!({ "token": token }))
 }

@@ -17,7 +17,9 @@ use agentcast_actors::registry::{ConnectionRegistry, RegistrySettings};
 use agentcast_actors::router::{Router, Shutdown};
 use agentcast_actors::session::SessionSettings;
 
+use crate::auth::Signer;
 use crate::config::Config;
+use crate::keys::KeyStore;
 use crate::routes::{self, AppState};
 use crate::{auth, socket};
 
@@ -78,7 +80,8 @@ pub async fn start(config: Config) -> io::Result<Started> {
             metrics: metrics.clone(),
         },
         metrics,
-        secret: config.secret().to_string(),
+        keys: Arc::new(KeyStore::new(&config.key_settings())),
+        signer: config.signer(),
         draining: AtomicBool::new(false),
     });
     let dev_mode = config.dev_mode();
@@ -208,7 +211,7 @@ pub fn serve(config: Config) -> io::Result<()> {
 /// A server on its own thread, for tests and embedding.
 pub struct RunningServer {
     addr: SocketAddr,
-    secret: String,
+    signer: Option<Signer>,
     /// Carries the drain time to stop with (`None`: the configured one).
     stop: Option<tokio::sync::oneshot::Sender<Option<Duration>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -219,7 +222,7 @@ pub fn spawn(config: Config) -> io::Result<RunningServer> {
     config
         .validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let secret = config.secret().to_string();
+    let signer = config.signer();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Option<Duration>>();
     let thread = std::thread::Builder::new()
@@ -248,7 +251,7 @@ pub fn spawn(config: Config) -> io::Result<RunningServer> {
     match ready_rx.recv() {
         Ok(Ok(addr)) => Ok(RunningServer {
             addr,
-            secret,
+            signer,
             stop: Some(stop_tx),
             thread: Some(thread),
         }),
@@ -270,9 +273,23 @@ impl RunningServer {
         format!("ws://{}/v1/ws", self.addr)
     }
 
+    /// A token for `user`, valid for an hour; None when the server holds no secret to sign
+    /// with (only public keys are configured).
+    pub fn try_token(&self, user: &str) -> Option<String> {
+        self.signer
+            .as_ref()
+            .map(|s| s.sign(user, auth::now_unix() + 3600))
+    }
+
     /// A token for `user`, valid for an hour.
+    ///
+    /// # Panics
+    /// When the server holds no secret to sign with (see [`RunningServer::try_token`]).
     pub fn token(&self, user: &str) -> String {
-        auth::sign(&self.secret, user, auth::now_unix() + 3600)
+        match self.try_token(user) {
+            Some(token) => token,
+            None => panic!("this server verifies public-key tokens only: it cannot sign one"),
+        }
     }
 
     /// Stops in order, as on SIGTERM (see [`Started::run_until`]), and waits for the server

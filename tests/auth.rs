@@ -181,3 +181,168 @@ async fn cli_token_refuses_unprintable_user_ids() {
     let out = run_cli(&["token", "alice smith"], &env).await;
     assert!(out.status.success(), "{out:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Token times
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_not_valid_yet_are_refused() {
+    let server = start(config());
+    let now = now_unix();
+    let exp = now + 3600;
+    let early = [
+        (
+            "nbf in a minute",
+            json!({"sub": "alice", "exp": exp, "nbf": now + 60}),
+        ),
+        (
+            "iat in a minute",
+            json!({"sub": "alice", "exp": exp, "iat": now + 60}),
+        ),
+        (
+            "both",
+            json!({"sub": "alice", "exp": exp, "nbf": now + 600, "iat": now + 600}),
+        ),
+    ];
+    for (what, claims) in &early {
+        let token = sign_claims(LONG_SECRET, claims);
+        let r = get(&server, &format!("/v1/ws?token={token}"), &[]).await;
+        let message = assert_json_error(&r, 401, "unauthorized", what);
+        assert!(
+            message.contains("the token is not valid yet"),
+            "{what}: {message}"
+        );
+        let e = ws_connect(&server, &token).await.expect_err(what);
+        assert!(e.starts_with("HTTP 401"), "{what}: {e}");
+        let r = get(&server, &format!("/v1/events?token={token}"), &[]).await;
+        assert_json_error(&r, 401, "unauthorized", what);
+    }
+    assert_eq!(auth_failures(&server, "not_yet_valid").await, 9.0);
+    // nbf and iat now or in the past are fine.
+    let token = sign_claims(
+        LONG_SECRET,
+        &json!({"sub": "alice", "exp": exp, "nbf": now, "iat": now - 10}),
+    );
+    assert_eq!(ws_connect(&server, &token).await, Ok("alice".into()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several HS256 secrets; issuer and audience
+
+const OLD_SECRET: &str = "edge-tests-old-secret-0123456789abcdef-01234";
+const OLDER_SECRET: &str = "edge-tests-older-secret-0123456789abcdef-012";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previous_secrets_verify_but_do_not_sign() {
+    let server = start(agentcast::Config {
+        jwt_previous_secrets: vec![OLD_SECRET.into(), OLDER_SECRET.into()],
+        ..config()
+    });
+    for (secret, user) in [
+        (LONG_SECRET, "new"),
+        (OLD_SECRET, "old"),
+        (OLDER_SECRET, "older"),
+    ] {
+        let token = agentcast::auth::sign(secret, user, in_an_hour());
+        assert_eq!(ws_connect(&server, &token).await, Ok(user.to_string()));
+    }
+    let forged = agentcast::auth::sign(
+        "edge-tests-unknown-secret-0123456789abcdef",
+        "x",
+        in_an_hour(),
+    );
+    assert!(ws_connect(&server, &forged).await.is_err());
+    // The server signs with --jwt-secret only.
+    assert_eq!(
+        agentcast::auth::verify(LONG_SECRET, &server.token("alice")),
+        Ok("alice".into())
+    );
+    assert!(agentcast::auth::verify(OLD_SECRET, &server.token("alice")).is_err());
+}
+
+#[test]
+fn previous_secrets_need_a_current_one() {
+    let config = agentcast::Config {
+        jwt_secret: None,
+        jwt_previous_secrets: vec![OLD_SECRET.into()],
+        ..test_config()
+    };
+    let e = config.validate().expect_err("previous secrets alone");
+    assert!(e.to_string().contains("--jwt-secret"), "{e}");
+    assert!(agentcast::spawn(config).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_and_audience_are_enforced_when_set() {
+    let server = start(agentcast::Config {
+        jwt_issuer: Some("https://id.example".into()),
+        jwt_audience: Some("agentcast".into()),
+        ..config()
+    });
+    let exp = in_an_hour();
+    let good = json!({"sub": "alice", "exp": exp, "iss": "https://id.example", "aud": "agentcast"});
+    assert_eq!(
+        ws_connect(&server, &sign_claims(LONG_SECRET, &good)).await,
+        Ok("alice".into())
+    );
+    let refused = [
+        (
+            "no iss",
+            json!({"sub": "a", "exp": exp, "aud": "agentcast"}),
+            "bad_issuer",
+            "iss",
+        ),
+        (
+            "other iss",
+            json!({"sub": "a", "exp": exp, "iss": "https://evil.example", "aud": "agentcast"}),
+            "bad_issuer",
+            "iss",
+        ),
+        (
+            "no aud",
+            json!({"sub": "a", "exp": exp, "iss": "https://id.example"}),
+            "bad_audience",
+            "aud",
+        ),
+        (
+            "other aud",
+            json!({"sub": "a", "exp": exp, "iss": "https://id.example", "aud": "other"}),
+            "bad_audience",
+            "aud",
+        ),
+    ];
+    for (what, claims, _, word) in &refused {
+        let token = sign_claims(LONG_SECRET, claims);
+        let r = get(&server, &format!("/v1/ws?token={token}"), &[]).await;
+        let message = assert_json_error(&r, 401, "unauthorized", what);
+        assert!(message.contains(word), "{what}: {message}");
+    }
+    assert_eq!(auth_failures(&server, "bad_issuer").await, 2.0);
+    assert_eq!(auth_failures(&server, "bad_audience").await, 2.0);
+    // The server's own tokens carry both, so they are accepted.
+    assert_eq!(
+        ws_connect(&server, &server.token("bob")).await,
+        Ok("bob".into())
+    );
+    // So do the CLI's, given the same settings.
+    let out = run_cli(
+        &["token", "carol"],
+        &[
+            ("AGENTCAST_JWT_SECRET", LONG_SECRET),
+            ("AGENTCAST_JWT_ISSUER", "https://id.example"),
+            ("AGENTCAST_JWT_AUDIENCE", "agentcast"),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(ws_connect(&server, &token).await, Ok("carol".into()));
+
+    // Without an issuer configured, iss is not looked at.
+    let plain = start(config());
+    let token = sign_claims(
+        LONG_SECRET,
+        &json!({"sub": "a", "exp": exp, "iss": "anyone"}),
+    );
+    assert_eq!(ws_connect(&plain, &token).await, Ok("a".into()));
+}
