@@ -3,6 +3,7 @@
 //! runs with when nothing is set, so tests and the binary share one set of defaults.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -35,6 +36,26 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub jwt_previous_secrets: Vec<String>,
+
+    /// A PEM file with a public key (RSA of 2048 bits or more for RS256, EC P-256 for ES256,
+    /// Ed25519 for EdDSA) that verifies tokens; repeat the flag for several (comma-separated
+    /// in the environment variable). Reloaded on SIGHUP and when the file changes.
+    #[arg(
+        long = "jwt-public-key",
+        env = "AGENTCAST_JWT_PUBLIC_KEY",
+        value_delimiter = ',',
+        value_name = "FILE"
+    )]
+    pub jwt_public_keys: Vec<PathBuf>,
+
+    /// A JWKS file (`{"keys":[...]}`) of public keys that verify tokens; a token's `kid` picks
+    /// its key. Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "AGENTCAST_JWKS_FILE", value_name = "FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// How often the key files are checked for a change (modification time or size).
+    #[arg(long, env = "AGENTCAST_JWT_KEY_CHECK_MS", default_value_t = 60_000)]
+    pub jwt_key_check_ms: u64,
 
     /// When set, tokens must carry this `iss` (and the tokens the server signs carry it).
     #[arg(long, env = "AGENTCAST_JWT_ISSUER")]
@@ -139,6 +160,9 @@ impl Default for Config {
             bind: "127.0.0.1:8080".into(),
             jwt_secret: None,
             jwt_previous_secrets: Vec::new(),
+            jwt_public_keys: Vec::new(),
+            jwks_file: None,
+            jwt_key_check_ms: 60_000,
             jwt_issuer: None,
             jwt_audience: None,
             run_timeout_ms: 300_000,
@@ -170,6 +194,9 @@ impl std::fmt::Debug for Config {
             .field("bind", &self.bind)
             .field("jwt_secret", &hidden(&self.jwt_secret))
             .field("jwt_previous_secrets", &self.jwt_previous_secrets.len())
+            .field("jwt_public_keys", &self.jwt_public_keys)
+            .field("jwks_file", &self.jwks_file)
+            .field("jwt_key_check_ms", &self.jwt_key_check_ms)
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
             .field("run_timeout_ms", &self.run_timeout_ms)
@@ -213,13 +240,14 @@ impl std::fmt::Display for ConfigError {
             ConfigError::BadBind(s) => write!(f, "--bind {s:?} is not an address like 127.0.0.1:8080"),
             ConfigError::DevModeNotLoopback(a) => write!(
                 f,
-                "no --jwt-secret: dev mode serves loopback only, and {a} is not loopback; \
-                 set AGENTCAST_JWT_SECRET or bind 127.0.0.1"
+                "no --jwt-secret and no public key: dev mode serves loopback only, and {a} is \
+                 not loopback; set AGENTCAST_JWT_SECRET (or a public key) or bind 127.0.0.1"
             ),
             ConfigError::EmptySecret => write!(f, "--jwt-secret is empty"),
             ConfigError::PreviousSecretsAlone => write!(
                 f,
-                "--jwt-previous-secrets only verify tokens: set --jwt-secret too"
+                "--jwt-previous-secrets only verify tokens: set --jwt-secret, --jwt-public-key \
+                 or --jwks-file too"
             ),
             ConfigError::Empty(name) => write!(f, "--{name} is empty"),
             ConfigError::RedisNotAvailable => write!(
@@ -243,7 +271,9 @@ impl Config {
         match &self.jwt_secret {
             Some(s) if s.is_empty() => return Err(ConfigError::EmptySecret),
             Some(_) => {}
-            None if !addr.ip().is_loopback() => return Err(ConfigError::DevModeNotLoopback(addr)),
+            None if self.dev_mode() && !addr.ip().is_loopback() => {
+                return Err(ConfigError::DevModeNotLoopback(addr))
+            }
             None => {}
         }
         if self.jwt_previous_secrets.iter().any(String::is_empty) {
@@ -275,6 +305,7 @@ impl Config {
             ("heartbeat-interval-ms", self.heartbeat_interval_ms),
             ("idle-timeout-ms", self.idle_timeout_ms),
             ("max-connections", self.max_connections as u64),
+            ("jwt-key-check-ms", self.jwt_key_check_ms),
             ("runs-per-minute", self.runs_per_minute as u64),
             (
                 "max-connections-per-user",
@@ -288,9 +319,10 @@ impl Config {
         Ok(addr)
     }
 
-    /// True when no key is configured: tokens are signed and checked with [`DEV_SECRET`].
+    /// True when no key is configured (no secret, no public key): tokens are signed and
+    /// checked with [`DEV_SECRET`].
     pub fn dev_mode(&self) -> bool {
-        self.jwt_secret.is_none()
+        self.jwt_secret.is_none() && self.jwt_public_keys.is_empty() && self.jwks_file.is_none()
     }
 
     /// The secret the server signs tokens with: `--jwt-secret`, or [`DEV_SECRET`] in dev mode.
@@ -311,6 +343,8 @@ impl Config {
                 .map(str::to_string)
                 .chain(self.jwt_previous_secrets.iter().cloned())
                 .collect(),
+            public_key_files: self.jwt_public_keys.clone(),
+            jwks_file: self.jwks_file.clone(),
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
         }

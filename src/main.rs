@@ -39,6 +39,18 @@ enum Command {
         /// The `aud` the server checks (`serve --jwt-audience`).
         #[arg(long, env = "AGENTCAST_JWT_AUDIENCE")]
         jwt_audience: Option<String>,
+        /// Read only to tell that this configuration cannot sign (`serve --jwt-public-key`).
+        #[arg(
+            long = "jwt-public-key",
+            env = "AGENTCAST_JWT_PUBLIC_KEY",
+            value_delimiter = ',',
+            value_name = "FILE",
+            hide = true
+        )]
+        jwt_public_keys: Vec<std::path::PathBuf>,
+        /// Read only to tell that this configuration cannot sign (`serve --jwks-file`).
+        #[arg(long, env = "AGENTCAST_JWKS_FILE", value_name = "FILE", hide = true)]
+        jwks_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -52,15 +64,31 @@ fn main() -> ExitCode {
             jwt_secret,
             jwt_issuer,
             jwt_audience,
+            jwt_public_keys,
+            jwks_file,
         }) => {
             if let Err(e) = auth::check_user_id(&user) {
                 eprintln!("agentcast: USER: {e}");
                 return ExitCode::from(2);
             }
-            let secret = jwt_secret.unwrap_or_else(|| {
-                eprintln!("agentcast: no --jwt-secret; this token only works on a dev-mode server");
-                DEV_SECRET.to_string()
-            });
+            let secret = match jwt_secret {
+                Some(secret) => secret,
+                None if !jwt_public_keys.is_empty() || jwks_file.is_some() => {
+                    eprintln!(
+                        "agentcast: cannot sign: this configuration verifies public-key tokens \
+                         only (--jwt-public-key / --jwks-file) and has no --jwt-secret. Sign \
+                         tokens with the private key of your identity provider, or set \
+                         AGENTCAST_JWT_SECRET."
+                    );
+                    return ExitCode::from(2);
+                }
+                None => {
+                    eprintln!(
+                        "agentcast: no --jwt-secret; this token only works on a dev-mode server"
+                    );
+                    DEV_SECRET.to_string()
+                }
+            };
             let signer = auth::Signer::new(&secret, jwt_issuer.as_deref(), jwt_audience.as_deref());
             println!("{}", signer.sign(&user, auth::now_unix() + ttl_secs));
             ExitCode::SUCCESS

@@ -48,6 +48,27 @@ pub async fn start(config: Config) -> io::Result<Started> {
              Set AGENTCAST_JWT_SECRET for anything else."
         );
     }
+    let keys = Arc::new(
+        KeyStore::load(config.key_settings())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("key file {e}")))?,
+    );
+    if keys.has_files() {
+        // Registered before the server answers anything, so that a SIGHUP sent once it is up
+        // is never the default action (which ends the process).
+        let hangup = match actix_web::rt::signal::unix::signal(
+            actix_web::rt::signal::unix::SignalKind::hangup(),
+        ) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                log::warn!(
+                    "cannot watch SIGHUP ({e}); key files are reloaded when they change only"
+                );
+                None
+            }
+        };
+        let every = Duration::from_millis(config.jwt_key_check_ms);
+        actix_web::rt::spawn(crate::keys::watch(keys.clone(), every, hangup));
+    }
     let agents = Arbiter::new();
     let tools = Arbiter::new();
     let catalog = Arc::new(builtin::catalog().start(&tools.handle()));
@@ -80,7 +101,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
             metrics: metrics.clone(),
         },
         metrics,
-        keys: Arc::new(KeyStore::new(&config.key_settings())),
+        keys,
         signer: config.signer(),
         draining: AtomicBool::new(false),
     });
@@ -127,7 +148,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
         config.idle_timeout_ms,
         config.drain_secs,
         config.max_connections,
-        if dev_mode { "DEV MODE" } else { "secret set" },
+        describe_keys(&config),
     );
     Ok(Started {
         addrs,
@@ -136,6 +157,36 @@ pub async fn start(config: Config) -> io::Result<Started> {
         drain: Duration::from_secs(config.drain_secs),
         arbiters: vec![agents, tools],
     })
+}
+
+/// The keys in force, for the start-up line (never a secret itself).
+fn describe_keys(config: &Config) -> String {
+    if config.dev_mode() {
+        return "DEV MODE".into();
+    }
+    let mut parts = Vec::new();
+    if config.jwt_secret.is_some() {
+        parts.push("HS256 secret set".to_string());
+    }
+    if !config.jwt_previous_secrets.is_empty() {
+        parts.push(format!(
+            "{} previous secrets",
+            config.jwt_previous_secrets.len()
+        ));
+    }
+    if !config.jwt_public_keys.is_empty() {
+        parts.push(format!("public keys {:?}", config.jwt_public_keys));
+    }
+    if let Some(jwks) = &config.jwks_file {
+        parts.push(format!("JWKS {}", jwks.display()));
+    }
+    if let Some(iss) = &config.jwt_issuer {
+        parts.push(format!("issuer {iss:?}"));
+    }
+    if let Some(aud) = &config.jwt_audience {
+        parts.push(format!("audience {aud:?}"));
+    }
+    parts.join(", ")
 }
 
 impl Started {

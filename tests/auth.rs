@@ -346,3 +346,437 @@ async fn issuer_and_audience_are_enforced_when_set() {
     );
     assert_eq!(ws_connect(&plain, &token).await, Ok("a".into()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Public keys (PEM files, JWKS) and their reload
+
+/// A fixture under tests/fixtures/keys.
+fn fixture_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(name)
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(fixture_path(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+/// A token for `sub`, valid for an hour, signed with the private key in fixture `key`.
+fn signed_with(alg: jsonwebtoken::Algorithm, key: &str, kid: Option<&str>, sub: &str) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let pem = fixture(key);
+    let key = match alg {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+        other => panic!("no test keys for {other:?}"),
+    }
+    .unwrap_or_else(|e| panic!("fixture {key:?}: {e}"));
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_string);
+    jsonwebtoken::encode(&header, &json!({"sub": sub, "exp": in_an_hour()}), &key)
+        .expect("signing a test token")
+}
+
+/// The JWK of the private key in fixture `key`, with key id `kid`.
+fn jwk_of(alg: jsonwebtoken::Algorithm, key: &str, kid: &str) -> Value {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let pem = fixture(key);
+    let encoding = match alg {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+        _ => EncodingKey::from_ed_pem(&pem),
+    }
+    .expect("fixture key");
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, alg).expect("a JWK");
+    jwk.common.key_id = Some(kid.into());
+    serde_json::to_value(jwk).expect("JWK as JSON")
+}
+
+/// A directory of its own for one test's key files, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("agentcast-auth-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a temp dir");
+        TempDir(dir)
+    }
+
+    /// Writes `name` (atomically: a rename, as deploy tools do) and returns its path.
+    fn write(&self, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, bytes).expect("writing a key file");
+        std::fs::rename(&tmp, &path).expect("renaming a key file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A config with only public keys (no secret).
+fn public_key_config(
+    files: Vec<std::path::PathBuf>,
+    jwks: Option<std::path::PathBuf>,
+) -> agentcast::Config {
+    agentcast::Config {
+        jwt_secret: None,
+        jwt_public_keys: files,
+        jwks_file: jwks,
+        ..test_config()
+    }
+}
+
+/// Polls `check` every 50 ms until it is true, for at most TIMEOUT.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {TIMEOUT:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_key_tokens_are_accepted_with_matching_keys_only() {
+    use jsonwebtoken::Algorithm::{EdDSA, ES256, RS256};
+    let server = start(public_key_config(
+        vec![
+            fixture_path("rsa.pub.pem"),
+            fixture_path("ec.pub.pem"),
+            fixture_path("ed.pub.pem"),
+        ],
+        None,
+    ));
+    for (alg, key, other) in [
+        (RS256, "rsa.key.pem", "rsa-other.key.pem"),
+        (ES256, "ec.key.pem", "ec-other.key.pem"),
+        (EdDSA, "ed.key.pem", "ed-other.key.pem"),
+    ] {
+        let good = signed_with(alg, key, None, "alice");
+        assert_eq!(
+            ws_connect(&server, &good).await,
+            Ok("alice".into()),
+            "{alg:?}"
+        );
+        let bearer = format!("Bearer {good}");
+        assert_eq!(
+            get(&server, "/v1/agents", &[("Authorization", &bearer)])
+                .await
+                .status,
+            200
+        );
+        let forged = signed_with(alg, other, None, "alice");
+        let r = get(&server, &format!("/v1/ws?token={forged}"), &[]).await;
+        assert_json_error(
+            &r,
+            401,
+            "unauthorized",
+            &format!("{alg:?} signed with {other}"),
+        );
+    }
+    // Only public keys: no HS256 token is accepted, there is no dev token route, and the
+    // server cannot sign.
+    let hs = agentcast::auth::sign(agentcast::config::DEV_SECRET, "alice", in_an_hour());
+    assert!(ws_connect(&server, &hs).await.is_err());
+    let r = http_full(
+        server.addr(),
+        "POST",
+        "/v1/dev/token",
+        &[],
+        r#"{"user":"a"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert!(server.try_token("alice").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_keys_and_a_secret_together() {
+    let server = start(agentcast::Config {
+        jwt_public_keys: vec![fixture_path("ed.pub.pem")],
+        ..config()
+    });
+    let ed = signed_with(
+        jsonwebtoken::Algorithm::EdDSA,
+        "ed.key.pem",
+        None,
+        "ed-user",
+    );
+    assert_eq!(ws_connect(&server, &ed).await, Ok("ed-user".into()));
+    assert_eq!(
+        ws_connect(&server, &server.token("hs-user")).await,
+        Ok("hs-user".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_kid_picks_the_key() {
+    use jsonwebtoken::Algorithm::{EdDSA, ES256, RS256};
+    let dir = TempDir::new("jwks-kid");
+    let jwks = json!({"keys": [
+        jwk_of(RS256, "rsa.key.pem", "key-a"),
+        jwk_of(RS256, "rsa-other.key.pem", "key-b"),
+        jwk_of(ES256, "ec.key.pem", "key-ec"),
+        jwk_of(EdDSA, "ed.key.pem", "key-ed"),
+    ]});
+    let path = dir.write("jwks.json", jwks.to_string().as_bytes());
+    let server = start(public_key_config(Vec::new(), Some(path)));
+    for (alg, key, kid) in [
+        (RS256, "rsa.key.pem", "key-a"),
+        (RS256, "rsa-other.key.pem", "key-b"),
+        (ES256, "ec.key.pem", "key-ec"),
+        (EdDSA, "ed.key.pem", "key-ed"),
+    ] {
+        let token = signed_with(alg, key, Some(kid), "alice");
+        assert_eq!(
+            ws_connect(&server, &token).await,
+            Ok("alice".into()),
+            "{kid}"
+        );
+    }
+    // Signed with key A but naming key B: only B is tried, so it is refused.
+    let mislabelled = signed_with(RS256, "rsa.key.pem", Some("key-b"), "alice");
+    let r = get(&server, &format!("/v1/ws?token={mislabelled}"), &[]).await;
+    assert_json_error(&r, 401, "unauthorized", "a kid naming another key");
+    // Without a kid, every key of the algorithm is tried.
+    let no_kid = signed_with(RS256, "rsa-other.key.pem", None, "alice");
+    assert_eq!(ws_connect(&server, &no_kid).await, Ok("alice".into()));
+    // A key that is not in the set at all.
+    let stranger = signed_with(EdDSA, "ed-other.key.pem", Some("key-ed"), "alice");
+    assert!(ws_connect(&server, &stranger).await.is_err());
+}
+
+#[test]
+fn unusable_key_files_refuse_to_start() {
+    let dir = TempDir::new("bad-start");
+    let garbage = dir.write("garbage.pem", b"not a key");
+    let missing = dir.0.join("missing.pem");
+    let private = fixture_path("rsa.key.pem");
+    let weak = fixture_path("rsa-1024.pub.pem");
+    let bad_jwks = dir.write("jwks.json", br#"{"keys": []}"#);
+    for (what, config, names) in [
+        (
+            "garbage",
+            public_key_config(vec![garbage.clone()], None),
+            garbage,
+        ),
+        (
+            "missing",
+            public_key_config(vec![missing.clone()], None),
+            missing,
+        ),
+        (
+            "private key",
+            public_key_config(vec![private.clone()], None),
+            private,
+        ),
+        (
+            "1024-bit RSA",
+            public_key_config(vec![weak.clone()], None),
+            weak,
+        ),
+        (
+            "empty JWKS",
+            public_key_config(Vec::new(), Some(bad_jwks.clone())),
+            bad_jwks,
+        ),
+    ] {
+        match agentcast::spawn(config) {
+            Ok(server) => panic!("{what}: started on {}", server.addr()),
+            Err(e) => assert!(
+                e.to_string().contains(&names.display().to_string()),
+                "{what}: the error does not name the file: {e}"
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_key_file_is_reloaded() {
+    use jsonwebtoken::Algorithm::EdDSA;
+    let dir = TempDir::new("mtime-reload");
+    let path = dir.write("key.pem", &fixture("ed.pub.pem"));
+    let server = start(agentcast::Config {
+        jwt_key_check_ms: 100,
+        ..public_key_config(vec![path], None)
+    });
+    let first = signed_with(EdDSA, "ed.key.pem", None, "first");
+    let second = signed_with(EdDSA, "ed-other.key.pem", None, "second");
+    assert_eq!(ws_connect(&server, &first).await, Ok("first".into()));
+    assert!(ws_connect(&server, &second).await.is_err());
+
+    dir.write("key.pem", &fixture("ed-other.pub.pem"));
+    eventually("the rewritten key file is in force", async || {
+        ws_connect(&server, &second).await.is_ok()
+    })
+    .await;
+    assert!(
+        ws_connect(&server, &first).await.is_err(),
+        "the old key is gone"
+    );
+}
+
+/// An `agentcast serve` child whose log lines are collected.
+struct Child {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Child {
+    async fn serve(args: &[&str], env: &[(&str, &str)]) -> Child {
+        use tokio::io::AsyncBufReadExt;
+        let addr = free_local_addr();
+        let addr_text = addr.to_string();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"));
+        cmd.args(["serve", "--bind", addr_text.as_str()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .env_remove("RUST_LOG");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AGENTCAST_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning agentcast serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        wait_until_healthy(&mut child, addr).await;
+        Child { child, addr, log }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Waits (bounded) for a log line containing all of `words`.
+    async fn wait_for_line(&self, words: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            if let Some(l) = self
+                .lines()
+                .into_iter()
+                .find(|l| words.iter().all(|w| l.contains(w)))
+            {
+                return l;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no log line with {words:?} within {TIMEOUT:?}; log: {:#?}",
+                self.lines()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("child pid");
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{sig} {pid}");
+    }
+
+    async fn connects(&self, token: &str) -> bool {
+        let url = format!("ws://{}/v1/ws?token={token}", self.addr);
+        Client::try_connect(&url, None).await.is_ok()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_keys_and_a_bad_file_keeps_the_old_ones() {
+    use jsonwebtoken::Algorithm::{ES256, RS256};
+    let dir = TempDir::new("sighup");
+    let jwks_with =
+        |alg, key: &str, kid: &str| json!({"keys": [jwk_of(alg, key, kid)]}).to_string();
+    let path = dir.write(
+        "jwks.json",
+        jwks_with(RS256, "rsa.key.pem", "one").as_bytes(),
+    );
+    let path_text = path.display().to_string();
+    // The file is checked for changes once an hour here: only SIGHUP reloads it.
+    let server = Child::serve(
+        &["--jwks-file", &path_text, "--jwt-key-check-ms", "3600000"],
+        &[],
+    )
+    .await;
+    let first = signed_with(RS256, "rsa.key.pem", Some("one"), "first");
+    let second = signed_with(ES256, "ec.key.pem", Some("two"), "second");
+    assert!(server.connects(&first).await);
+    assert!(!server.connects(&second).await);
+
+    dir.write(
+        "jwks.json",
+        jwks_with(ES256, "ec.key.pem", "two").as_bytes(),
+    );
+    server.signal("HUP");
+    eventually("the JWKS file is reloaded on SIGHUP", async || {
+        server.connects(&second).await
+    })
+    .await;
+    assert!(!server.connects(&first).await, "the old key is gone");
+    server
+        .wait_for_line(&["INFO", "keys reloaded (SIGHUP)"])
+        .await;
+
+    // A bad file: a warning, and the keys in force stay.
+    dir.write("jwks.json", b"{\"keys\": [");
+    server.signal("HUP");
+    let warning = server
+        .wait_for_line(&["WARN", "keeping the previous ones"])
+        .await;
+    assert!(warning.contains(&path_text), "{warning}");
+    assert!(
+        server.connects(&second).await,
+        "the previous keys stay in force"
+    );
+    // The server is still alive and serving after all that.
+    let (status, _) = http(server.addr, "GET", "/healthz", &[], "").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_token_says_it_cannot_sign_with_public_keys_only() {
+    let key = fixture_path("ed.pub.pem").display().to_string();
+    let out = run_cli(&["token", "alice"], &[("AGENTCAST_JWT_PUBLIC_KEY", &key)]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stdout.is_empty(), "printed a token anyway");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot sign"), "{stderr}");
+    let out = run_cli(&["token", "alice", "--jwks-file", "/nonexistent.json"], &[]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn public_keys_alone_are_not_dev_mode() {
+    let config = agentcast::Config {
+        bind: "0.0.0.0:0".into(),
+        ..public_key_config(vec![fixture_path("ed.pub.pem")], None)
+    };
+    assert!(!config.dev_mode());
+    assert!(config.validate().is_ok(), "public keys may serve a network");
+}
