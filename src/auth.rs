@@ -38,6 +38,8 @@ pub struct Claims {
 pub enum AuthError {
     /// No token at all.
     Missing,
+    /// An `Authorization` header that is not `Bearer …`, and no `?token=`.
+    NotBearer,
     /// Longer than [`MAX_TOKEN_BYTES`].
     TooLong,
     /// Not a JWT, an algorithm or key this server does not accept, a bad signature, or
@@ -57,6 +59,9 @@ impl std::fmt::Display for AuthError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             AuthError::Missing => "no token: send Authorization: Bearer <token> or ?token=<token>",
+            AuthError::NotBearer => {
+                "Authorization must be `Bearer <token>` (or leave it out and send ?token=<token>)"
+            }
             AuthError::TooLong => "the token is longer than 8192 bytes",
             AuthError::Invalid => "the token is malformed, wrongly signed, or lacks sub or exp",
             AuthError::Expired => "the token has expired",
@@ -82,6 +87,7 @@ impl AuthError {
     pub fn reason(self) -> &'static str {
         match self {
             AuthError::Missing => "missing",
+            AuthError::NotBearer => "not_bearer",
             AuthError::TooLong => "too_long",
             AuthError::Invalid => "invalid",
             AuthError::Expired => "expired",
@@ -267,16 +273,34 @@ pub fn valid_user_id(sub: &str) -> bool {
     check_user_id(sub).is_ok()
 }
 
-/// The token of a request: the `Authorization: Bearer` header, else the `token` query parameter.
-pub fn token_of(req: &HttpRequest, query_token: Option<&str>) -> Option<String> {
-    if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
-        let h = h.to_str().ok()?;
-        let (scheme, token) = h.split_once(' ')?;
-        return scheme
+/// The token of a request: the `Authorization: Bearer` header, else the `token` query
+/// parameter. Any other `Authorization` (browsers behind HTTP basic auth send `Basic …` by
+/// themselves) is ignored when `?token=` is there, and refused with [`AuthError::NotBearer`]
+/// when it is not.
+pub fn token_of(req: &HttpRequest, query_token: Option<&str>) -> Result<String, AuthError> {
+    let header = req.headers().get(actix_web::http::header::AUTHORIZATION);
+    token_from(header.map(|h| h.as_bytes()), query_token)
+}
+
+/// [`token_of`] on the raw header value.
+pub fn token_from(
+    authorization: Option<&[u8]>,
+    query_token: Option<&str>,
+) -> Result<String, AuthError> {
+    let bearer = authorization.map(|h| {
+        let h = std::str::from_utf8(h).ok()?.trim();
+        let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
+        scheme
             .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_string());
+            .then(|| rest.trim().to_string())
+    });
+    match (bearer, query_token) {
+        (Some(Some(token)), _) if !token.is_empty() => Ok(token),
+        (Some(Some(_)), None) | (None, None) => Err(AuthError::Missing),
+        (Some(None), None) => Err(AuthError::NotBearer),
+        (_, Some("")) => Err(AuthError::Missing),
+        (_, Some(token)) => Ok(token.to_string()),
     }
-    query_token.map(str::to_string)
 }
 
 #[cfg(test)]
@@ -444,5 +468,26 @@ mod tests {
     fn user_id_error_names_the_character() {
         let e = check_user_id("ali\u{202E}ce").unwrap_err();
         assert!(e.to_string().contains("U+202E"), "{e}");
+    }
+
+    #[test]
+    fn which_token() {
+        let t = |h: Option<&str>, q: Option<&str>| token_from(h.map(str::as_bytes), q);
+        assert_eq!(t(Some("Bearer abc"), None), Ok("abc".into()));
+        assert_eq!(t(Some("bearer  abc "), None), Ok("abc".into()));
+        assert_eq!(t(Some("Bearer abc"), Some("q")), Ok("abc".into()));
+        assert_eq!(t(None, Some("q")), Ok("q".into()));
+        assert_eq!(t(None, None), Err(AuthError::Missing));
+        assert_eq!(t(Some("Bearer"), None), Err(AuthError::Missing));
+        assert_eq!(t(Some("Bearer "), None), Err(AuthError::Missing));
+        assert_eq!(t(Some("Bearer "), Some("q")), Ok("q".into()));
+        // A non-Bearer Authorization is ignored when ?token= is there.
+        assert_eq!(t(Some("Basic dXNlcjpwYXNz"), Some("q")), Ok("q".into()));
+        assert_eq!(
+            t(Some("Basic dXNlcjpwYXNz"), None),
+            Err(AuthError::NotBearer)
+        );
+        assert_eq!(t(Some("abc"), None), Err(AuthError::NotBearer));
+        assert_eq!(t(Some("Basic x"), Some("")), Err(AuthError::Missing));
     }
 }

@@ -780,3 +780,42 @@ fn public_keys_alone_are_not_dev_mode() {
     assert!(!config.dev_mode());
     assert!(config.validate().is_ok(), "public keys may serve a network");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Basic credentials next to ?token=
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_authorization_is_ignored_when_a_query_token_is_given() {
+    let server = start(config());
+    let token = server.token("alice");
+    // What a browser behind HTTP basic auth sends by itself.
+    let basic = ("Authorization", "Basic dXNlcjpwYXNzd29yZA==");
+    let (_, head, _) =
+        raw_ws_upgrade(server.addr(), &format!("/v1/ws?token={token}"), &[basic]).await;
+    assert_eq!(head.status, 101, "WebSocket with Basic + ?token=: {head:?}");
+    let (_, head, _) = get_response_head(
+        server.addr(),
+        &format!("/v1/events?token={token}"),
+        &[basic],
+    )
+    .await
+    .expect("GET /v1/events");
+    assert_eq!(head.status, 200, "SSE with Basic + ?token=: {head:?}");
+
+    // Basic alone: the message says what to send instead.
+    for path in ["/v1/ws", "/v1/events", "/v1/agents"] {
+        let r = get(&server, path, &[basic]).await;
+        let message = assert_json_error(&r, 401, "unauthorized", path);
+        assert!(
+            message.contains("Authorization must be `Bearer <token>`"),
+            "{path}: {message}"
+        );
+    }
+    assert_eq!(auth_failures(&server, "not_bearer").await, 3.0);
+    // A Bearer header still wins over ?token= (it was set on purpose).
+    let url = format!("{}?token=not-a-token", server.ws_url());
+    let c = Client::try_connect(&url, Some(&server.token("bob")))
+        .await
+        .unwrap_or_else(|e| panic!("Bearer + a bad ?token=: {}", describe_error(&e)));
+    assert_eq!(c.welcome()["user_id"], json!("bob"));
+}
