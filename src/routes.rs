@@ -120,7 +120,8 @@ impl StreamQuery {
     /// The resume point asked for, if any: `?after_seq=` (with `?epoch=`), else `fallback`
     /// (SSE's `Last-Event-ID`).
     pub fn resume(&self, fallback: Option<&str>) -> Result<Option<ResumeFrom>, HttpResponse> {
-        let after = match (&self.after_seq, &self.epoch) {
+        // Where the value came from, to name it in a refusal.
+        let (after, name) = match (&self.after_seq, &self.epoch) {
             (None, Some(_)) => {
                 return Err(error(
                     StatusCode::BAD_REQUEST,
@@ -128,8 +129,8 @@ impl StreamQuery {
                     "epoch needs after_seq",
                 ))
             }
-            (Some(after), _) => Some(after.as_str()),
-            (None, None) => fallback,
+            (Some(after), _) => (Some(after.as_str()), "after_seq"),
+            (None, None) => (fallback, "the Last-Event-ID header"),
         };
         let Some(after) = after else {
             return Ok(None);
@@ -142,7 +143,7 @@ impl StreamQuery {
             Err(_) => Err(error(
                 StatusCode::BAD_REQUEST,
                 "invalid_field",
-                "after_seq must be a non-negative integer",
+                &format!("{name} must be a non-negative integer (a seq)"),
             )),
         }
     }

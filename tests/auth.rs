@@ -819,3 +819,29 @@ async fn basic_authorization_is_ignored_when_a_query_token_is_given() {
         .unwrap_or_else(|e| panic!("Bearer + a bad ?token=: {}", describe_error(&e)));
     assert_eq!(c.welcome()["user_id"], json!("bob"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Resume points: the refusal names where the bad value came from
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_resume_point_names_its_source() {
+    let server = start(config());
+    let token = server.token("alice");
+    let r = get(
+        &server,
+        &format!("/v1/events?token={token}"),
+        &[("Last-Event-ID", "not-a-seq")],
+    )
+    .await;
+    let message = assert_json_error(&r, 400, "invalid_field", "bad Last-Event-ID");
+    assert!(message.contains("Last-Event-ID"), "{message}");
+    assert!(!message.contains("after_seq"), "{message}");
+    for path in [
+        format!("/v1/events?token={token}&after_seq=x"),
+        format!("/v1/ws?token={token}&after_seq=-1"),
+    ] {
+        let r = get(&server, &path, &[("Last-Event-ID", "1")]).await;
+        let message = assert_json_error(&r, 400, "invalid_field", &path);
+        assert!(message.contains("after_seq"), "{path}: {message}");
+    }
+}
