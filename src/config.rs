@@ -10,6 +10,7 @@ use clap::Args;
 
 use crate::auth::Signer;
 use crate::keys::KeySettings;
+use crate::origins::{BadOrigin, OriginPolicy};
 
 /// The secret used when none is configured. Dev mode only: the server then refuses to bind
 /// anything but a loopback address, so tokens signed with this well-known value cannot reach
@@ -149,6 +150,18 @@ pub struct Config {
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: usize,
 
+    /// Web pages (origins like `https://app.example.com`, comma-separated) that may open
+    /// `GET /v1/ws` and `GET /v1/events` in a browser, besides the server's own origin (and,
+    /// in dev mode, loopback pages). `*` allows every page: then any site a user visits can
+    /// open a stream with a token it got hold of.
+    #[arg(
+        long,
+        env = "AGENTCAST_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGINS"
+    )]
+    pub allowed_origins: Vec<String>,
+
     /// Connections the server accepts at once, over all workers.
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -181,6 +194,7 @@ impl Default for Config {
             drain_secs: 30,
             runs_per_minute: 120,
             max_connections_per_user: 32,
+            allowed_origins: Vec::new(),
             max_connections: 100_000,
         }
     }
@@ -215,6 +229,7 @@ impl std::fmt::Debug for Config {
             .field("drain_secs", &self.drain_secs)
             .field("runs_per_minute", &self.runs_per_minute)
             .field("max_connections_per_user", &self.max_connections_per_user)
+            .field("allowed_origins", &self.allowed_origins)
             .field("max_connections", &self.max_connections)
             .finish()
     }
@@ -230,6 +245,7 @@ pub enum ConfigError {
     PreviousSecretsAlone,
     /// A flag set to the empty string.
     Empty(&'static str),
+    BadOrigin(BadOrigin),
     RedisNotAvailable,
     Zero(&'static str),
 }
@@ -250,6 +266,7 @@ impl std::fmt::Display for ConfigError {
                  or --jwks-file too"
             ),
             ConfigError::Empty(name) => write!(f, "--{name} is empty"),
+            ConfigError::BadOrigin(e) => write!(f, "{e}"),
             ConfigError::RedisNotAvailable => write!(
                 f,
                 "--redis-url is not supported by this build yet: leave it unset for in-process routing and replay"
@@ -290,6 +307,7 @@ impl Config {
                 return Err(ConfigError::Empty(name));
             }
         }
+        self.origin_policy().map_err(ConfigError::BadOrigin)?;
         if self.redis_url.is_some() {
             return Err(ConfigError::RedisNotAvailable);
         }
@@ -348,6 +366,11 @@ impl Config {
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
         }
+    }
+
+    /// Which pages may open streams (see [`crate::origins`]).
+    pub fn origin_policy(&self) -> Result<OriginPolicy, BadOrigin> {
+        OriginPolicy::new(&self.allowed_origins, self.dev_mode())
     }
 
     /// Signs tokens the server accepts; None when the server holds no secret to sign with.

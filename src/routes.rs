@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::auth::{self, AuthError, Signer};
 use crate::keys::KeyStore;
+use crate::origins::OriginPolicy;
 
 /// Shared by every worker.
 pub struct AppState {
@@ -28,6 +29,8 @@ pub struct AppState {
     pub keys: Arc<KeyStore>,
     /// Signs the dev-mode tokens; None when the server holds no secret.
     pub signer: Option<Signer>,
+    /// Which pages may open `/v1/ws` and `/v1/events`.
+    pub origins: OriginPolicy,
     /// Set when the server starts to stop: new requests are refused with 503.
     pub draining: AtomicBool,
 }

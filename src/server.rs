@@ -21,7 +21,7 @@ use crate::auth::Signer;
 use crate::config::Config;
 use crate::keys::KeyStore;
 use crate::routes::{self, AppState};
-use crate::{auth, socket};
+use crate::{auth, origins, socket};
 
 /// Commands one connection may send per second, and in a burst.
 const COMMANDS_PER_SEC: u32 = 50;
@@ -103,6 +103,9 @@ pub async fn start(config: Config) -> io::Result<Started> {
         metrics,
         keys,
         signer: config.signer(),
+        origins: config
+            .origin_policy()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
         draining: AtomicBool::new(false),
     });
     let dev_mode = config.dev_mode();
@@ -115,6 +118,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
             .wrap(actix_web::middleware::from_fn(
                 routes::refuse_while_draining,
             ))
+            .wrap(actix_web::middleware::from_fn(origins::check_origin))
             .configure(|cfg| routes::configure(cfg, dev_mode, max_body))
     })
     .workers(workers)

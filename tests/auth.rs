@@ -845,3 +845,131 @@ async fn a_bad_resume_point_names_its_source() {
         assert!(message.contains("after_seq"), "{path}: {message}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Origins of browser pages
+
+/// The status of a WebSocket upgrade and of an SSE request, each with these extra headers.
+async fn stream_statuses(
+    server: &agentcast::RunningServer,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> (u16, u16) {
+    let (_, ws, _) = raw_ws_upgrade(server.addr(), &format!("/v1/ws?token={token}"), headers).await;
+    let (_, sse, _) =
+        get_response_head(server.addr(), &format!("/v1/events?token={token}"), headers)
+            .await
+            .expect("GET /v1/events");
+    (ws.status, sse.status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_are_checked_for_websocket_and_sse() {
+    let server = start(agentcast::Config {
+        allowed_origins: vec![
+            "https://app.example.com".into(),
+            "http://localhost:5173".into(),
+        ],
+        ..config()
+    });
+    let token = server.token("alice");
+    let own = format!("http://{}", server.addr());
+    for (origin, want) in [
+        ("https://app.example.com", (101, 200)),
+        ("http://localhost:5173", (101, 200)),
+        (own.as_str(), (101, 200)),
+        ("https://evil.example", (403, 403)),
+        ("http://app.example.com", (403, 403)),
+        ("http://127.0.0.1:1", (403, 403)),
+        ("null", (403, 403)),
+    ] {
+        let got = stream_statuses(&server, &token, &[("Origin", origin)]).await;
+        assert_eq!(got, want, "Origin {origin}: (WebSocket, SSE)");
+    }
+    // No Origin: not a browser, not checked.
+    assert_eq!(stream_statuses(&server, &token, &[]).await, (101, 200));
+    // The refusal is a JSON 403 that comes before authentication.
+    for path in ["/v1/ws", "/v1/events", "/v1/ws?token=x"] {
+        let r = get(&server, path, &[("Origin", "https://evil.example")]).await;
+        let message = assert_json_error(&r, 403, "forbidden", path);
+        assert!(message.contains("origin"), "{message}");
+    }
+    // Other routes are not streams: CORS governs them.
+    let bearer = format!("Bearer {token}");
+    let r = get(
+        &server,
+        "/v1/agents",
+        &[
+            ("Origin", "https://evil.example"),
+            ("Authorization", &bearer),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // The real client sees the 403 too.
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "{}?token={token}",
+            server.ws_url()
+        ))
+        .expect("a request");
+    request.headers_mut().insert(
+        "Origin",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static("https://evil.example"),
+    );
+    let e = tokio_tungstenite::connect_async(request)
+        .await
+        .expect_err("a refused upgrade");
+    assert_eq!(http_status(&e), Some(403));
+    // 4 origins refused on 2 paths, 3 plain requests, the real client.
+    assert_eq!(auth_failures(&server, "forbidden_origin").await, 12.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_allows_loopback_pages_and_star_allows_all() {
+    let dev = start(dev_config());
+    let token = dev.token("alice");
+    for origin in [
+        "http://localhost:5173",
+        "http://127.0.0.1:3000",
+        "http://[::1]:8000",
+    ] {
+        assert_eq!(
+            stream_statuses(&dev, &token, &[("Origin", origin)]).await,
+            (101, 200),
+            "{origin}"
+        );
+    }
+    for origin in ["https://evil.example", "http://localhost.evil.example"] {
+        assert_eq!(
+            stream_statuses(&dev, &token, &[("Origin", origin)]).await,
+            (403, 403),
+            "{origin}"
+        );
+    }
+    // Not in dev mode, a loopback page on another port is another origin.
+    let prod = start(config());
+    let token = prod.token("alice");
+    let origin = ("Origin", "http://localhost:5173");
+    assert_eq!(stream_statuses(&prod, &token, &[origin]).await, (403, 403));
+
+    let star = start(agentcast::Config {
+        allowed_origins: vec!["*".into()],
+        ..config()
+    });
+    let token = star.token("alice");
+    let origin = ("Origin", "https://evil.example");
+    assert_eq!(stream_statuses(&star, &token, &[origin]).await, (101, 200));
+}
+
+#[test]
+fn allowed_origins_must_be_origins() {
+    for bad in ["app.example.com", "https://app.example.com/path", "ftp://x"] {
+        let config = agentcast::Config {
+            allowed_origins: vec![bad.into()],
+            ..config()
+        };
+        let e = config.validate().expect_err(bad);
+        assert!(e.to_string().contains("--allowed-origins"), "{e}");
+    }
+}
