@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod config;
 pub mod keys;
+pub mod limits;
 pub mod origins;
 pub mod routes;
 pub mod runs;

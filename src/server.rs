@@ -20,6 +20,7 @@ use agentcast_actors::session::SessionSettings;
 use crate::auth::Signer;
 use crate::config::Config;
 use crate::keys::KeyStore;
+use crate::limits::{self, ConnectionCounter};
 use crate::routes::{self, AppState};
 use crate::{auth, origins, socket};
 
@@ -108,6 +109,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
         draining: AtomicBool::new(false),
     });
+    let connections = ConnectionCounter::new(config.max_connections, state.metrics.clone());
     let dev_mode = config.dev_mode();
     let workers = config.worker_count();
     let max_body = config.max_frame_bytes;
@@ -119,11 +121,17 @@ pub async fn start(config: Config) -> io::Result<Started> {
                 routes::refuse_while_draining,
             ))
             .wrap(actix_web::middleware::from_fn(origins::check_origin))
+            .wrap(actix_web::middleware::from_fn(limits::refuse_when_full))
             .configure(|cfg| routes::configure(cfg, dev_mode, max_body))
     })
     .workers(workers)
-    .max_connections((config.max_connections / workers).max(1))
-    .on_connect(socket::on_connect)
+    // Ours (the guards counted in on_connect) is the limit that answers; actix's, per worker,
+    // only bounds the over-limit connections that linger.
+    .max_connections(limits::actix_max_connections(
+        config.max_connections,
+        workers,
+    ))
+    .on_connect(socket::on_connect_counted(connections))
     // Notice at once when a client goes away mid-response (an SSE stream otherwise only
     // learns it at its next write).
     .h1_allow_half_closed(false)

@@ -973,3 +973,79 @@ fn allowed_origins_must_be_origins() {
         assert!(e.to_string().contains("--allowed-origins"), "{e}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A full server answers at once
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_refuses_new_connections_quickly() {
+    let server = start(agentcast::Config {
+        max_connections: 4,
+        ..config()
+    });
+    let mut open = Vec::new();
+    for i in 0..4 {
+        open.push(Client::connect(&server, &format!("user{i}")).await);
+    }
+    // The fifth connection is answered, not left in the listen queue: 503 within 2 s.
+    let quick = std::time::Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(quick, http_full(server.addr(), "GET", "/healthz", &[], ""))
+        .await
+        .expect("the fifth connection got no answer within 2 s");
+    assert_json_error(&r, 503, "unavailable", "GET /healthz on a full server");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    assert!(r.header("retry-after").is_some(), "{r:?}");
+    let token = server.token("late");
+    let (_, head, _) = tokio::time::timeout(
+        quick,
+        raw_ws_upgrade(server.addr(), &format!("/v1/ws?token={token}"), &[]),
+    )
+    .await
+    .expect("the upgrade got no answer within 2 s");
+    assert_eq!(head.status, 503, "{head:?}");
+    assert!(started.elapsed() < 2 * quick);
+    // The open connections are served as before.
+    for c in &mut open {
+        c.assert_alive().await;
+    }
+
+    // Once one closes, a new one gets in (the server notices the close a moment later).
+    open.pop().expect("an open client").close().await;
+    let url = format!("{}?token={token}", server.ws_url());
+    let mut late = None;
+    eventually(
+        "a connection after one closed",
+        async || match Client::try_connect(&url, None).await {
+            Ok(c) => {
+                late = Some(c);
+                true
+            }
+            Err(e) => {
+                assert_eq!(http_status(&e), Some(503), "{}", describe_error(&e));
+                false
+            }
+        },
+    )
+    .await;
+    let mut late = late.expect("connected");
+    late.assert_alive().await;
+    // Make room for the scrape, then count the refusals (at least the two above).
+    late.close().await;
+    let mut refused = 0.0;
+    eventually("a scrape of /metrics", async || {
+        let (status, body) = http(server.addr(), "GET", "/metrics", &[], "").await;
+        if status == 200 {
+            refused = body
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("agentcast_connections_refused_total{reason=\"server_full\"} ")
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0);
+        }
+        status == 200
+    })
+    .await;
+    assert!(refused >= 2.0, "server_full refusals counted: {refused}");
+}
