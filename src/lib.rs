@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod keys;
 pub mod limits;
+pub mod logging;
 pub mod origins;
 pub mod routes;
 pub mod runs;

@@ -5,6 +5,11 @@
 //!   (actix's own per-worker cap is set above ours, so clients never wait in the listen
 //!   queue) and each request on it is answered at once with 503 `unavailable` and
 //!   `Connection: close`.
+//! - **Request heads**: a URL over [`MAX_URL_BYTES`] gets 414, a header over
+//!   [`MAX_HEADER_BYTES`] (or all of them over [`MAX_HEADERS_BYTES`]) 431, both with a JSON
+//!   body, instead of a token check on 60 KB of query string. (Past 64 KiB of URL or 128 KiB
+//!   of head actix-http's parser answers by itself, with an empty 400 or 431: see
+//!   `docs/protocol-notes.md`.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,6 +23,13 @@ use actix_web::HttpResponse;
 use agentcast_actors::metrics::Metrics;
 
 use crate::routes::error;
+
+/// Longest request target (path and query) accepted. nginx's default is the same.
+pub const MAX_URL_BYTES: usize = 8 * 1024;
+/// Longest single header value accepted.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Most bytes of header names and values accepted in all.
+pub const MAX_HEADERS_BYTES: usize = 32 * 1024;
 
 /// Counts the open connections against `--max-connections`.
 #[derive(Debug)]
@@ -108,6 +120,53 @@ pub async fn refuse_when_full<B: MessageBody + 'static>(
         ));
         res.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(req.into_response(res).map_into_right_body());
+    }
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_left_body)
+}
+
+/// What is too large about a request head, if anything.
+fn oversized(req: &ServiceRequest) -> Option<(StatusCode, String)> {
+    let url = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if url > MAX_URL_BYTES {
+        return Some((
+            StatusCode::URI_TOO_LONG,
+            format!(
+                "the URL is {url} bytes, more than {MAX_URL_BYTES}: a token belongs in the \
+                 Authorization header, or is not a token"
+            ),
+        ));
+    }
+    let mut total = 0;
+    for (name, value) in req.headers() {
+        let len = value.len();
+        if len > MAX_HEADER_BYTES {
+            return Some((
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("the {name} header is {len} bytes, more than {MAX_HEADER_BYTES}"),
+            ));
+        }
+        total += name.as_str().len() + len;
+    }
+    (total > MAX_HEADERS_BYTES).then(|| {
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("the headers are {total} bytes, more than {MAX_HEADERS_BYTES}"),
+        )
+    })
+}
+
+/// Middleware: a request whose URL or headers are too large gets 414 or 431 with a JSON
+/// `{code: "invalid_field", message}` body, and its connection is closed.
+pub async fn refuse_oversized<B: MessageBody + 'static>(
+    req: ServiceRequest,
+    next: Next<B>,
+) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
+    if let Some((status, message)) = oversized(&req) {
+        log::info!("refused {} {}: {message}", req.method(), req.path());
+        let res = closing(error(status, "invalid_field", &message));
         return Ok(req.into_response(res).map_into_right_body());
     }
     next.call(req)

@@ -55,7 +55,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    agentcast::logging::init();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token {

@@ -121,6 +121,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
                 routes::refuse_while_draining,
             ))
             .wrap(actix_web::middleware::from_fn(origins::check_origin))
+            .wrap(actix_web::middleware::from_fn(limits::refuse_oversized))
             .wrap(actix_web::middleware::from_fn(limits::refuse_when_full))
             .configure(|cfg| routes::configure(cfg, dev_mode, max_body))
     })

@@ -1049,3 +1049,123 @@ async fn a_full_server_refuses_new_connections_quickly() {
     .await;
     assert!(refused >= 2.0, "server_full refusals counted: {refused}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Oversized requests: a clear answer, and no ERROR line per request
+
+/// Sends raw bytes on a new connection and reads the answer (head and body), if any.
+async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> Option<HttpResponse> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The server may answer and close before it has read everything: a failed write is fine.
+    let _ = stream.write_all(bytes).await;
+    match tokio::time::timeout(TIMEOUT, read_http_response(&mut stream)).await {
+        Ok(r) => r.ok(),
+        Err(_) => panic!("no answer within {TIMEOUT:?}"),
+    }
+}
+
+fn get_with(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_tokens_get_a_clear_answer() {
+    let server = start(config());
+    let long = "a".repeat(60 * 1024);
+    // 60 KB in ?token=: 414 with a JSON body.
+    for path in ["/v1/ws", "/v1/events", "/v1/agents"] {
+        let r = raw_request(
+            server.addr(),
+            &get_with(&format!("{path}?token={long}"), &[]),
+        )
+        .await
+        .expect("an answer");
+        let message = assert_json_error(&r, 414, "invalid_field", path);
+        assert!(message.contains("URL"), "{message}");
+    }
+    // 60 KB in the Authorization header: 431 with a JSON body.
+    let bearer = format!("Bearer {long}");
+    let r = raw_request(
+        server.addr(),
+        &get_with("/v1/agents", &[("Authorization", &bearer)]),
+    )
+    .await
+    .expect("an answer");
+    let message = assert_json_error(&r, 431, "invalid_field", "a 60 KB Authorization");
+    assert!(message.contains("authorization"), "{message}");
+    // Many headers that are each fine but too many together.
+    let filler = "b".repeat(4000);
+    let many: Vec<(String, &str)> = (0..10)
+        .map(|i| (format!("X-Filler-{i}"), filler.as_str()))
+        .collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    let r = raw_request(server.addr(), &get_with("/healthz", &many))
+        .await
+        .expect("an answer");
+    assert_json_error(&r, 431, "invalid_field", "40 KB of headers");
+    // A token just under the limits still gets its 401 about the token.
+    let token = "a".repeat(8000);
+    let r = get(&server, &format!("/v1/ws?token={token}"), &[]).await;
+    assert_json_error(&r, 401, "unauthorized", "an 8000-byte token");
+    let r = get(&server, "/v1/ws?token=a.b.c", &[]).await;
+    assert_json_error(&r, 401, "unauthorized", "a short bad token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_actix_cannot_parse_are_not_logged_as_errors() {
+    // DEBUG for the dispatcher only, so that the demoted lines show and mark the moment they
+    // were logged.
+    let server = Child::serve(
+        &["--jwt-secret", LONG_SECRET],
+        &[("RUST_LOG", "info,actix_http::h1::dispatcher=debug")],
+    )
+    .await;
+    let long = "a".repeat(60 * 1024);
+    let r = raw_request(server.addr, &get_with(&format!("/v1/ws?token={long}"), &[]))
+        .await
+        .expect("an answer");
+    assert_json_error(&r, 414, "invalid_field", "60 KB ?token=");
+    // Past 64 KiB of URL and 128 KiB of head actix-http answers by itself (400, 431).
+    let longer = "a".repeat(70 * 1024);
+    let r = raw_request(
+        server.addr,
+        &get_with(&format!("/v1/ws?token={longer}"), &[]),
+    )
+    .await;
+    assert_eq!(r.map(|r| r.status), Some(400), "a 70 KB URL");
+    let huge = "a".repeat(140 * 1024);
+    let r = raw_request(server.addr, &get_with("/v1/ws", &[("X-Huge", &huge)])).await;
+    assert_eq!(r.map(|r| r.status), Some(431), "a 140 KB header");
+    let r = raw_request(server.addr, b"\x00\x01 not http\r\n\r\n").await;
+    assert_eq!(r.map(|r| r.status), Some(400), "not HTTP");
+    // Each of those three is logged, at DEBUG.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let demoted = server
+            .lines()
+            .iter()
+            .filter(|l| l.contains("DEBUG") && l.contains("request parse error"))
+            .count();
+        if demoted >= 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the parse errors were not logged at DEBUG: {:#?}",
+            server.lines()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let errors: Vec<String> = server
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("ERROR"))
+        .collect();
+    assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
+}
