@@ -17,13 +17,18 @@ use crate::origins::{BadOrigin, OriginPolicy};
 /// a network.
 pub const DEV_SECRET: &str = "agentcast-dev-mode-secret-do-not-use-in-production";
 
+/// Shortest HS256 secret accepted, in bytes: RFC 7518 §3.2 asks for a key at least as long
+/// as the hash (256 bits). A short secret can be found by brute force from any one token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 #[derive(Clone, Args)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "AGENTCAST_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
 
-    /// HS256 secret that signs user tokens. Without it the server runs in dev mode:
+    /// HS256 secret that signs user tokens, at least 32 bytes. Without it (and without a
+    /// public key) the server runs in dev mode:
     /// loopback only, a well-known secret, and `POST /v1/dev/token` hands out tokens.
     #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -241,6 +246,8 @@ pub enum ConfigError {
     BadBind(String),
     DevModeNotLoopback(SocketAddr),
     EmptySecret,
+    /// A secret shorter than [`MIN_SECRET_BYTES`]: the flag and the secret's length.
+    ShortSecret(&'static str, usize),
     /// `--jwt-previous-secrets` without a key of the server's own.
     PreviousSecretsAlone,
     /// A flag set to the empty string.
@@ -260,6 +267,11 @@ impl std::fmt::Display for ConfigError {
                  not loopback; set AGENTCAST_JWT_SECRET (or a public key) or bind 127.0.0.1"
             ),
             ConfigError::EmptySecret => write!(f, "--jwt-secret is empty"),
+            ConfigError::ShortSecret(flag, len) => write!(
+                f,
+                "{flag} has a secret of {len} bytes: it must be at least {MIN_SECRET_BYTES} \
+                 (random bytes, e.g. `openssl rand -base64 48`)"
+            ),
             ConfigError::PreviousSecretsAlone => write!(
                 f,
                 "--jwt-previous-secrets only verify tokens: set --jwt-secret, --jwt-public-key \
@@ -293,8 +305,26 @@ impl Config {
             }
             None => {}
         }
+        if let Some(len) = self
+            .jwt_secret
+            .as_ref()
+            .map(String::len)
+            .filter(|len| *len < MIN_SECRET_BYTES)
+        {
+            return Err(ConfigError::ShortSecret("--jwt-secret", len));
+        }
         if self.jwt_previous_secrets.iter().any(String::is_empty) {
             return Err(ConfigError::Empty("jwt-previous-secrets"));
+        }
+        if let Some(short) = self
+            .jwt_previous_secrets
+            .iter()
+            .find(|s| s.len() < MIN_SECRET_BYTES)
+        {
+            return Err(ConfigError::ShortSecret(
+                "--jwt-previous-secrets",
+                short.len(),
+            ));
         }
         if !self.jwt_previous_secrets.is_empty() && self.dev_mode() {
             return Err(ConfigError::PreviousSecretsAlone);
@@ -426,6 +456,35 @@ mod tests {
         assert_eq!(settings.secrets, vec!["s", "a", "b"]);
     }
 
+    const LONG: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn secrets_of_fewer_than_32_bytes_are_refused() {
+        let short = &LONG[..31];
+        for args in [
+            vec!["--jwt-secret", short],
+            vec!["--jwt-secret", LONG, "--jwt-previous-secrets", short],
+            vec![
+                "--jwt-secret",
+                LONG,
+                "--jwt-previous-secrets",
+                &format!("{LONG},{short}"),
+            ],
+        ] {
+            let e = parse(&args).validate().expect_err("a short secret");
+            assert!(
+                matches!(e, ConfigError::ShortSecret(_, 31)),
+                "{args:?}: {e}"
+            );
+            assert!(e.to_string().contains("at least 32"), "{e}");
+        }
+        assert!(parse(&["--jwt-secret", LONG]).validate().is_ok());
+        // Bytes, not characters: 16 two-byte characters are 32 bytes.
+        assert!(parse(&["--jwt-secret", &"é".repeat(16)]).validate().is_ok());
+        // Dev mode has no secret to check.
+        assert!(parse(&[]).validate().is_ok());
+    }
+
     #[test]
     fn secrets_are_not_in_debug_output() {
         let c = parse(&[
@@ -444,8 +503,11 @@ mod tests {
     #[test]
     fn empty_issuer_or_audience_is_refused() {
         for flag in ["--jwt-issuer", "--jwt-audience"] {
-            let c = parse(&["--jwt-secret", "s", flag, ""]);
-            assert!(c.validate().is_err(), "{flag} \"\"");
+            let c = parse(&["--jwt-secret", LONG, flag, ""]);
+            assert!(
+                matches!(c.validate(), Err(ConfigError::Empty(_))),
+                "{flag} \"\""
+            );
         }
     }
 }

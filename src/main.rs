@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use agentcast::{auth, config::DEV_SECRET, Config};
+use agentcast::config::{DEV_SECRET, MIN_SECRET_BYTES};
+use agentcast::{auth, Config};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -72,6 +73,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let secret = match jwt_secret {
+                Some(secret) if secret.len() < MIN_SECRET_BYTES => {
+                    eprintln!(
+                        "agentcast: --jwt-secret has {} bytes: it must be at least \
+                         {MIN_SECRET_BYTES} (the server refuses a shorter one)",
+                        secret.len()
+                    );
+                    return ExitCode::from(2);
+                }
                 Some(secret) => secret,
                 None if !jwt_public_keys.is_empty() || jwks_file.is_some() => {
                     eprintln!(

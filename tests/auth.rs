@@ -1169,3 +1169,58 @@ async fn requests_actix_cannot_parse_are_not_logged_as_errors() {
         .collect();
     assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Secrets too short to be secret
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_secrets_are_refused_at_start() {
+    let short = &LONG_SECRET[..31];
+    let exactly = &LONG_SECRET[..32];
+    for (what, config) in [
+        (
+            "--jwt-secret",
+            agentcast::Config {
+                jwt_secret: Some(short.into()),
+                ..test_config()
+            },
+        ),
+        (
+            "--jwt-previous-secrets",
+            agentcast::Config {
+                jwt_previous_secrets: vec![short.into()],
+                ..config()
+            },
+        ),
+    ] {
+        let e = config.validate().expect_err(what);
+        assert!(
+            e.to_string().contains(what) && e.to_string().contains("at least 32"),
+            "{what}: {e}"
+        );
+        assert!(agentcast::spawn(config).is_err(), "{what}: spawn served");
+    }
+    let server = start(agentcast::Config {
+        jwt_secret: Some(exactly.into()),
+        ..test_config()
+    });
+    assert_eq!(
+        ws_connect(&server, &server.token("alice")).await,
+        Ok("alice".into())
+    );
+
+    // The binary refuses to start, and to sign, with a clear message.
+    let out = run_cli(
+        &["serve", "--bind", "127.0.0.1:0"],
+        &[("AGENTCAST_JWT_SECRET", short)],
+    )
+    .await;
+    assert!(!out.status.success(), "serve started: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at least 32"), "{stderr}");
+    let out = run_cli(&["token", "alice"], &[("AGENTCAST_JWT_SECRET", short)]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stdout.is_empty());
+    // Dev mode has no secret to check.
+    assert!(dev_config().validate().is_ok());
+}
