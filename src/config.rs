@@ -3,25 +3,74 @@
 //! runs with when nothing is set, so tests and the binary share one set of defaults.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+
+use crate::auth::Signer;
+use crate::keys::KeySettings;
+use crate::origins::{BadOrigin, OriginPolicy};
 
 /// The secret used when none is configured. Dev mode only: the server then refuses to bind
 /// anything but a loopback address, so tokens signed with this well-known value cannot reach
 /// a network.
 pub const DEV_SECRET: &str = "agentcast-dev-mode-secret-do-not-use-in-production";
 
-#[derive(Debug, Clone, Args)]
+/// Shortest HS256 secret accepted, in bytes: RFC 7518 §3.2 asks for a key at least as long
+/// as the hash (256 bits). A short secret can be found by brute force from any one token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+#[derive(Clone, Args)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "AGENTCAST_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
 
-    /// HS256 secret that signs user tokens. Without it the server runs in dev mode:
+    /// HS256 secret that signs user tokens, at least 32 bytes. Without it (and without a
+    /// public key) the server runs in dev mode:
     /// loopback only, a well-known secret, and `POST /v1/dev/token` hands out tokens.
     #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// HS256 secrets that still verify tokens but sign none, comma-separated: the old secret
+    /// after a rotation, until the tokens signed with it have expired.
+    #[arg(
+        long,
+        env = "AGENTCAST_JWT_PREVIOUS_SECRETS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub jwt_previous_secrets: Vec<String>,
+
+    /// A PEM file with a public key (RSA of 2048 bits or more for RS256, EC P-256 for ES256,
+    /// Ed25519 for EdDSA) that verifies tokens; repeat the flag for several (comma-separated
+    /// in the environment variable). Reloaded on SIGHUP and when the file changes.
+    #[arg(
+        long = "jwt-public-key",
+        env = "AGENTCAST_JWT_PUBLIC_KEY",
+        value_delimiter = ',',
+        value_name = "FILE"
+    )]
+    pub jwt_public_keys: Vec<PathBuf>,
+
+    /// A JWKS file (`{"keys":[...]}`) of public keys that verify tokens; a token's `kid` picks
+    /// its key. Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "AGENTCAST_JWKS_FILE", value_name = "FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// How often the key files are checked for a change (modification time or size).
+    #[arg(long, env = "AGENTCAST_JWT_KEY_CHECK_MS", default_value_t = 60_000)]
+    pub jwt_key_check_ms: u64,
+
+    /// When set, tokens must carry this `iss` (and the tokens the server signs carry it).
+    #[arg(long, env = "AGENTCAST_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, tokens must name this in `aud` (and the tokens the server signs carry it).
+    /// When not set, a token with an `aud` is refused: it was meant for another service.
+    #[arg(long, env = "AGENTCAST_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
 
     /// A run still going after this long ends with status `timed_out`.
     #[arg(long, env = "AGENTCAST_RUN_TIMEOUT_MS", default_value_t = 300_000)]
@@ -106,6 +155,18 @@ pub struct Config {
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: usize,
 
+    /// Web pages (origins like `https://app.example.com`, comma-separated) that may open
+    /// `GET /v1/ws` and `GET /v1/events` in a browser, besides the server's own origin (and,
+    /// in dev mode, loopback pages). `*` allows every page: then any site a user visits can
+    /// open a stream with a token it got hold of.
+    #[arg(
+        long,
+        env = "AGENTCAST_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGINS"
+    )]
+    pub allowed_origins: Vec<String>,
+
     /// Connections the server accepts at once, over all workers.
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -116,6 +177,12 @@ impl Default for Config {
         Config {
             bind: "127.0.0.1:8080".into(),
             jwt_secret: None,
+            jwt_previous_secrets: Vec::new(),
+            jwt_public_keys: Vec::new(),
+            jwks_file: None,
+            jwt_key_check_ms: 60_000,
+            jwt_issuer: None,
+            jwt_audience: None,
             run_timeout_ms: 300_000,
             max_runs_per_user: 16,
             replay_capacity: 10_000,
@@ -132,8 +199,44 @@ impl Default for Config {
             drain_secs: 30,
             runs_per_minute: 120,
             max_connections_per_user: 32,
+            allowed_origins: Vec::new(),
             max_connections: 100_000,
         }
+    }
+}
+
+/// Secrets are shown as `[hidden]`: a configuration may end up in a log.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "[hidden]");
+        f.debug_struct("Config")
+            .field("bind", &self.bind)
+            .field("jwt_secret", &hidden(&self.jwt_secret))
+            .field("jwt_previous_secrets", &self.jwt_previous_secrets.len())
+            .field("jwt_public_keys", &self.jwt_public_keys)
+            .field("jwks_file", &self.jwks_file)
+            .field("jwt_key_check_ms", &self.jwt_key_check_ms)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("run_timeout_ms", &self.run_timeout_ms)
+            .field("max_runs_per_user", &self.max_runs_per_user)
+            .field("replay_capacity", &self.replay_capacity)
+            .field("replay_user_max_bytes", &self.replay_user_max_bytes)
+            .field("replay_max_bytes", &self.replay_max_bytes)
+            .field("replay_ttl_secs", &self.replay_ttl_secs)
+            .field("outbound_queue", &self.outbound_queue)
+            .field("slow_consumer_grace_ms", &self.slow_consumer_grace_ms)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "[hidden]"))
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("workers", &self.workers)
+            .field("drain_secs", &self.drain_secs)
+            .field("runs_per_minute", &self.runs_per_minute)
+            .field("max_connections_per_user", &self.max_connections_per_user)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("max_connections", &self.max_connections)
+            .finish()
     }
 }
 
@@ -143,6 +246,13 @@ pub enum ConfigError {
     BadBind(String),
     DevModeNotLoopback(SocketAddr),
     EmptySecret,
+    /// A secret shorter than [`MIN_SECRET_BYTES`]: the flag and the secret's length.
+    ShortSecret(&'static str, usize),
+    /// `--jwt-previous-secrets` without a key of the server's own.
+    PreviousSecretsAlone,
+    /// A flag set to the empty string.
+    Empty(&'static str),
+    BadOrigin(BadOrigin),
     RedisNotAvailable,
     Zero(&'static str),
 }
@@ -153,10 +263,22 @@ impl std::fmt::Display for ConfigError {
             ConfigError::BadBind(s) => write!(f, "--bind {s:?} is not an address like 127.0.0.1:8080"),
             ConfigError::DevModeNotLoopback(a) => write!(
                 f,
-                "no --jwt-secret: dev mode serves loopback only, and {a} is not loopback; \
-                 set AGENTCAST_JWT_SECRET or bind 127.0.0.1"
+                "no --jwt-secret and no public key: dev mode serves loopback only, and {a} is \
+                 not loopback; set AGENTCAST_JWT_SECRET (or a public key) or bind 127.0.0.1"
             ),
             ConfigError::EmptySecret => write!(f, "--jwt-secret is empty"),
+            ConfigError::ShortSecret(flag, len) => write!(
+                f,
+                "{flag} has a secret of {len} bytes: it must be at least {MIN_SECRET_BYTES} \
+                 (random bytes, e.g. `openssl rand -base64 48`)"
+            ),
+            ConfigError::PreviousSecretsAlone => write!(
+                f,
+                "--jwt-previous-secrets only verify tokens: set --jwt-secret, --jwt-public-key \
+                 or --jwks-file too"
+            ),
+            ConfigError::Empty(name) => write!(f, "--{name} is empty"),
+            ConfigError::BadOrigin(e) => write!(f, "{e}"),
             ConfigError::RedisNotAvailable => write!(
                 f,
                 "--redis-url is not supported by this build yet: leave it unset for in-process routing and replay"
@@ -178,9 +300,44 @@ impl Config {
         match &self.jwt_secret {
             Some(s) if s.is_empty() => return Err(ConfigError::EmptySecret),
             Some(_) => {}
-            None if !addr.ip().is_loopback() => return Err(ConfigError::DevModeNotLoopback(addr)),
+            None if self.dev_mode() && !addr.ip().is_loopback() => {
+                return Err(ConfigError::DevModeNotLoopback(addr))
+            }
             None => {}
         }
+        if let Some(len) = self
+            .jwt_secret
+            .as_ref()
+            .map(String::len)
+            .filter(|len| *len < MIN_SECRET_BYTES)
+        {
+            return Err(ConfigError::ShortSecret("--jwt-secret", len));
+        }
+        if self.jwt_previous_secrets.iter().any(String::is_empty) {
+            return Err(ConfigError::Empty("jwt-previous-secrets"));
+        }
+        if let Some(short) = self
+            .jwt_previous_secrets
+            .iter()
+            .find(|s| s.len() < MIN_SECRET_BYTES)
+        {
+            return Err(ConfigError::ShortSecret(
+                "--jwt-previous-secrets",
+                short.len(),
+            ));
+        }
+        if !self.jwt_previous_secrets.is_empty() && self.dev_mode() {
+            return Err(ConfigError::PreviousSecretsAlone);
+        }
+        for (name, v) in [
+            ("jwt-issuer", &self.jwt_issuer),
+            ("jwt-audience", &self.jwt_audience),
+        ] {
+            if v.as_deref().is_some_and(str::is_empty) {
+                return Err(ConfigError::Empty(name));
+            }
+        }
+        self.origin_policy().map_err(ConfigError::BadOrigin)?;
         if self.redis_url.is_some() {
             return Err(ConfigError::RedisNotAvailable);
         }
@@ -196,6 +353,7 @@ impl Config {
             ("heartbeat-interval-ms", self.heartbeat_interval_ms),
             ("idle-timeout-ms", self.idle_timeout_ms),
             ("max-connections", self.max_connections as u64),
+            ("jwt-key-check-ms", self.jwt_key_check_ms),
             ("runs-per-minute", self.runs_per_minute as u64),
             (
                 "max-connections-per-user",
@@ -209,14 +367,51 @@ impl Config {
         Ok(addr)
     }
 
-    /// True when no secret is configured.
+    /// True when no key is configured (no secret, no public key): tokens are signed and
+    /// checked with [`DEV_SECRET`].
     pub fn dev_mode(&self) -> bool {
-        self.jwt_secret.is_none()
+        self.jwt_secret.is_none() && self.jwt_public_keys.is_empty() && self.jwks_file.is_none()
     }
 
-    /// The secret tokens are signed and checked with.
-    pub fn secret(&self) -> &str {
-        self.jwt_secret.as_deref().unwrap_or(DEV_SECRET)
+    /// The secret the server signs tokens with: `--jwt-secret`, or [`DEV_SECRET`] in dev mode.
+    pub fn signing_secret(&self) -> Option<&str> {
+        match &self.jwt_secret {
+            Some(s) => Some(s),
+            None if self.dev_mode() => Some(DEV_SECRET),
+            None => None,
+        }
+    }
+
+    /// What tokens are checked against: the signing secret, then the previous ones.
+    pub fn key_settings(&self) -> KeySettings {
+        KeySettings {
+            secrets: self
+                .signing_secret()
+                .into_iter()
+                .map(str::to_string)
+                .chain(self.jwt_previous_secrets.iter().cloned())
+                .collect(),
+            public_key_files: self.jwt_public_keys.clone(),
+            jwks_file: self.jwks_file.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+        }
+    }
+
+    /// Which pages may open streams (see [`crate::origins`]).
+    pub fn origin_policy(&self) -> Result<OriginPolicy, BadOrigin> {
+        OriginPolicy::new(&self.allowed_origins, self.dev_mode())
+    }
+
+    /// Signs tokens the server accepts; None when the server holds no secret to sign with.
+    pub fn signer(&self) -> Option<Signer> {
+        self.signing_secret().map(|secret| {
+            Signer::new(
+                secret,
+                self.jwt_issuer.as_deref(),
+                self.jwt_audience.as_deref(),
+            )
+        })
     }
 
     pub fn worker_count(&self) -> usize {
@@ -229,5 +424,90 @@ impl Config {
 
     pub fn run_timeout(&self) -> Duration {
         Duration::from_millis(self.run_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec!["agentcast"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all) {
+            Ok(cli) => cli.config,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn previous_secrets_are_comma_separated() {
+        let c = parse(&["--jwt-secret", "s", "--jwt-previous-secrets", "a,b"]);
+        assert_eq!(c.jwt_previous_secrets, vec!["a", "b"]);
+        let settings = c.key_settings();
+        assert_eq!(settings.secrets, vec!["s", "a", "b"]);
+    }
+
+    const LONG: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn secrets_of_fewer_than_32_bytes_are_refused() {
+        let short = &LONG[..31];
+        for args in [
+            vec!["--jwt-secret", short],
+            vec!["--jwt-secret", LONG, "--jwt-previous-secrets", short],
+            vec![
+                "--jwt-secret",
+                LONG,
+                "--jwt-previous-secrets",
+                &format!("{LONG},{short}"),
+            ],
+        ] {
+            let e = parse(&args).validate().expect_err("a short secret");
+            assert!(
+                matches!(e, ConfigError::ShortSecret(_, 31)),
+                "{args:?}: {e}"
+            );
+            assert!(e.to_string().contains("at least 32"), "{e}");
+        }
+        assert!(parse(&["--jwt-secret", LONG]).validate().is_ok());
+        // Bytes, not characters: 16 two-byte characters are 32 bytes.
+        assert!(parse(&["--jwt-secret", &"é".repeat(16)]).validate().is_ok());
+        // Dev mode has no secret to check.
+        assert!(parse(&[]).validate().is_ok());
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output() {
+        let c = parse(&[
+            "--jwt-secret",
+            "hunter2-secret",
+            "--jwt-previous-secrets",
+            "old-one",
+        ]);
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("old-one"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn empty_issuer_or_audience_is_refused() {
+        for flag in ["--jwt-issuer", "--jwt-audience"] {
+            let c = parse(&["--jwt-secret", LONG, flag, ""]);
+            assert!(
+                matches!(c.validate(), Err(ConfigError::Empty(_))),
+                "{flag} \"\""
+            );
+        }
     }
 }

@@ -6,6 +6,10 @@
 
 pub mod auth;
 pub mod config;
+pub mod keys;
+pub mod limits;
+pub mod logging;
+pub mod origins;
 pub mod routes;
 pub mod runs;
 pub mod server;

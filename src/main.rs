@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use agentcast::{auth, config::DEV_SECRET, Config};
+use agentcast::config::{DEV_SECRET, MIN_SECRET_BYTES};
+use agentcast::{auth, Config};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -33,30 +34,72 @@ enum Command {
         ttl_secs: u64,
         #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
+        /// The `iss` the server checks (`serve --jwt-issuer`).
+        #[arg(long, env = "AGENTCAST_JWT_ISSUER")]
+        jwt_issuer: Option<String>,
+        /// The `aud` the server checks (`serve --jwt-audience`).
+        #[arg(long, env = "AGENTCAST_JWT_AUDIENCE")]
+        jwt_audience: Option<String>,
+        /// Read only to tell that this configuration cannot sign (`serve --jwt-public-key`).
+        #[arg(
+            long = "jwt-public-key",
+            env = "AGENTCAST_JWT_PUBLIC_KEY",
+            value_delimiter = ',',
+            value_name = "FILE",
+            hide = true
+        )]
+        jwt_public_keys: Vec<std::path::PathBuf>,
+        /// Read only to tell that this configuration cannot sign (`serve --jwks-file`).
+        #[arg(long, env = "AGENTCAST_JWKS_FILE", value_name = "FILE", hide = true)]
+        jwks_file: Option<std::path::PathBuf>,
     },
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    agentcast::logging::init();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token {
             user,
             ttl_secs,
             jwt_secret,
+            jwt_issuer,
+            jwt_audience,
+            jwt_public_keys,
+            jwks_file,
         }) => {
-            if !auth::valid_user_id(&user) {
-                eprintln!("agentcast: USER must be 1 to 128 printable characters");
+            if let Err(e) = auth::check_user_id(&user) {
+                eprintln!("agentcast: USER: {e}");
                 return ExitCode::from(2);
             }
-            let secret = jwt_secret.unwrap_or_else(|| {
-                eprintln!("agentcast: no --jwt-secret; this token only works on a dev-mode server");
-                DEV_SECRET.to_string()
-            });
-            println!(
-                "{}",
-                auth::sign(&secret, &user, auth::now_unix() + ttl_secs)
-            );
+            let secret = match jwt_secret {
+                Some(secret) if secret.len() < MIN_SECRET_BYTES => {
+                    eprintln!(
+                        "agentcast: --jwt-secret has {} bytes: it must be at least \
+                         {MIN_SECRET_BYTES} (the server refuses a shorter one)",
+                        secret.len()
+                    );
+                    return ExitCode::from(2);
+                }
+                Some(secret) => secret,
+                None if !jwt_public_keys.is_empty() || jwks_file.is_some() => {
+                    eprintln!(
+                        "agentcast: cannot sign: this configuration verifies public-key tokens \
+                         only (--jwt-public-key / --jwks-file) and has no --jwt-secret. Sign \
+                         tokens with the private key of your identity provider, or set \
+                         AGENTCAST_JWT_SECRET."
+                    );
+                    return ExitCode::from(2);
+                }
+                None => {
+                    eprintln!(
+                        "agentcast: no --jwt-secret; this token only works on a dev-mode server"
+                    );
+                    DEV_SECRET.to_string()
+                }
+            };
+            let signer = auth::Signer::new(&secret, jwt_issuer.as_deref(), jwt_audience.as_deref());
+            println!("{}", signer.sign(&user, auth::now_unix() + ttl_secs));
             ExitCode::SUCCESS
         }
         Some(Command::Serve(config)) => run(config),

@@ -15,7 +15,9 @@ use agentcast_actors::session::SessionSettings;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{self, AuthError};
+use crate::auth::{self, AuthError, Signer};
+use crate::keys::KeyStore;
+use crate::origins::OriginPolicy;
 
 /// Shared by every worker.
 pub struct AppState {
@@ -23,7 +25,12 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub sessions: SessionSettings,
     pub metrics: Arc<Metrics>,
-    pub secret: String,
+    /// Checks tokens; its verifier may be swapped while serving.
+    pub keys: Arc<KeyStore>,
+    /// Signs the dev-mode tokens; None when the server holds no secret.
+    pub signer: Option<Signer>,
+    /// Which pages may open `/v1/ws` and `/v1/events`.
+    pub origins: OriginPolicy,
     /// Set when the server starts to stop: new requests are refused with 503.
     pub draining: AtomicBool,
 }
@@ -84,9 +91,7 @@ pub fn authenticate(
     state: &AppState,
     query_token: Option<&str>,
 ) -> Result<String, HttpResponse> {
-    let verified = auth::token_of(req, query_token)
-        .ok_or(AuthError::Missing)
-        .and_then(|token| auth::verify(&state.secret, &token));
+    let verified = auth::token_of(req, query_token).and_then(|token| state.keys.verify(&token));
     verified.map_err(|e| {
         log::info!("refused {} {}: {e}", req.method(), req.path());
         state.metrics.auth_failure(e.reason());
@@ -118,7 +123,8 @@ impl StreamQuery {
     /// The resume point asked for, if any: `?after_seq=` (with `?epoch=`), else `fallback`
     /// (SSE's `Last-Event-ID`).
     pub fn resume(&self, fallback: Option<&str>) -> Result<Option<ResumeFrom>, HttpResponse> {
-        let after = match (&self.after_seq, &self.epoch) {
+        // Where the value came from, to name it in a refusal.
+        let (after, name) = match (&self.after_seq, &self.epoch) {
             (None, Some(_)) => {
                 return Err(error(
                     StatusCode::BAD_REQUEST,
@@ -126,8 +132,8 @@ impl StreamQuery {
                     "epoch needs after_seq",
                 ))
             }
-            (Some(after), _) => Some(after.as_str()),
-            (None, None) => fallback,
+            (Some(after), _) => (Some(after.as_str()), "after_seq"),
+            (None, None) => (fallback, "the Last-Event-ID header"),
         };
         let Some(after) = after else {
             return Ok(None);
@@ -140,7 +146,7 @@ impl StreamQuery {
             Err(_) => Err(error(
                 StatusCode::BAD_REQUEST,
                 "invalid_field",
-                "after_seq must be a non-negative integer",
+                &format!("{name} must be a non-negative integer (a seq)"),
             )),
         }
     }
@@ -199,13 +205,20 @@ async fn dev_token(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse
             "body must be {\"user\":\"...\"}",
         );
     };
-    if !auth::valid_user_id(&ask.user) {
+    if let Err(e) = auth::check_user_id(&ask.user) {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_field",
-            "user must be 1 to 128 printable characters",
+            &format!("user: {e}"),
         );
     }
-    let token = auth::sign(&state.secret, &ask.user, auth::now_unix() + 86_400);
+    let Some(signer) = &state.signer else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "invalid_field",
+            "this server does not sign tokens",
+        );
+    };
+    let token = signer.sign(&ask.user, auth::now_unix() + 86_400);
     HttpResponse::Ok().json(json!({ "token": token }))
 }

@@ -17,9 +17,12 @@ use agentcast_actors::registry::{ConnectionRegistry, RegistrySettings};
 use agentcast_actors::router::{Router, Shutdown};
 use agentcast_actors::session::SessionSettings;
 
+use crate::auth::Signer;
 use crate::config::Config;
+use crate::keys::KeyStore;
+use crate::limits::{self, ConnectionCounter};
 use crate::routes::{self, AppState};
-use crate::{auth, socket};
+use crate::{auth, origins, socket};
 
 /// Commands one connection may send per second, and in a burst.
 const COMMANDS_PER_SEC: u32 = 50;
@@ -45,6 +48,27 @@ pub async fn start(config: Config) -> io::Result<Started> {
              POST /v1/dev/token hands them out to anyone. Serving loopback only. \
              Set AGENTCAST_JWT_SECRET for anything else."
         );
+    }
+    let keys = Arc::new(
+        KeyStore::load(config.key_settings())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("key file {e}")))?,
+    );
+    if keys.has_files() {
+        // Registered before the server answers anything, so that a SIGHUP sent once it is up
+        // is never the default action (which ends the process).
+        let hangup = match actix_web::rt::signal::unix::signal(
+            actix_web::rt::signal::unix::SignalKind::hangup(),
+        ) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                log::warn!(
+                    "cannot watch SIGHUP ({e}); key files are reloaded when they change only"
+                );
+                None
+            }
+        };
+        let every = Duration::from_millis(config.jwt_key_check_ms);
+        actix_web::rt::spawn(crate::keys::watch(keys.clone(), every, hangup));
     }
     let agents = Arbiter::new();
     let tools = Arbiter::new();
@@ -78,9 +102,14 @@ pub async fn start(config: Config) -> io::Result<Started> {
             metrics: metrics.clone(),
         },
         metrics,
-        secret: config.secret().to_string(),
+        keys,
+        signer: config.signer(),
+        origins: config
+            .origin_policy()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
         draining: AtomicBool::new(false),
     });
+    let connections = ConnectionCounter::new(config.max_connections, state.metrics.clone());
     let dev_mode = config.dev_mode();
     let workers = config.worker_count();
     let max_body = config.max_frame_bytes;
@@ -91,11 +120,19 @@ pub async fn start(config: Config) -> io::Result<Started> {
             .wrap(actix_web::middleware::from_fn(
                 routes::refuse_while_draining,
             ))
+            .wrap(actix_web::middleware::from_fn(origins::check_origin))
+            .wrap(actix_web::middleware::from_fn(limits::refuse_oversized))
+            .wrap(actix_web::middleware::from_fn(limits::refuse_when_full))
             .configure(|cfg| routes::configure(cfg, dev_mode, max_body))
     })
     .workers(workers)
-    .max_connections((config.max_connections / workers).max(1))
-    .on_connect(socket::on_connect)
+    // Ours (the guards counted in on_connect) is the limit that answers; actix's, per worker,
+    // only bounds the over-limit connections that linger.
+    .max_connections(limits::actix_max_connections(
+        config.max_connections,
+        workers,
+    ))
+    .on_connect(socket::on_connect_counted(connections))
     // Notice at once when a client goes away mid-response (an SSE stream otherwise only
     // learns it at its next write).
     .h1_allow_half_closed(false)
@@ -124,7 +161,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
         config.idle_timeout_ms,
         config.drain_secs,
         config.max_connections,
-        if dev_mode { "DEV MODE" } else { "secret set" },
+        describe_keys(&config),
     );
     Ok(Started {
         addrs,
@@ -133,6 +170,36 @@ pub async fn start(config: Config) -> io::Result<Started> {
         drain: Duration::from_secs(config.drain_secs),
         arbiters: vec![agents, tools],
     })
+}
+
+/// The keys in force, for the start-up line (never a secret itself).
+fn describe_keys(config: &Config) -> String {
+    if config.dev_mode() {
+        return "DEV MODE".into();
+    }
+    let mut parts = Vec::new();
+    if config.jwt_secret.is_some() {
+        parts.push("HS256 secret set".to_string());
+    }
+    if !config.jwt_previous_secrets.is_empty() {
+        parts.push(format!(
+            "{} previous secrets",
+            config.jwt_previous_secrets.len()
+        ));
+    }
+    if !config.jwt_public_keys.is_empty() {
+        parts.push(format!("public keys {:?}", config.jwt_public_keys));
+    }
+    if let Some(jwks) = &config.jwks_file {
+        parts.push(format!("JWKS {}", jwks.display()));
+    }
+    if let Some(iss) = &config.jwt_issuer {
+        parts.push(format!("issuer {iss:?}"));
+    }
+    if let Some(aud) = &config.jwt_audience {
+        parts.push(format!("audience {aud:?}"));
+    }
+    parts.join(", ")
 }
 
 impl Started {
@@ -208,7 +275,7 @@ pub fn serve(config: Config) -> io::Result<()> {
 /// A server on its own thread, for tests and embedding.
 pub struct RunningServer {
     addr: SocketAddr,
-    secret: String,
+    signer: Option<Signer>,
     /// Carries the drain time to stop with (`None`: the configured one).
     stop: Option<tokio::sync::oneshot::Sender<Option<Duration>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -219,7 +286,7 @@ pub fn spawn(config: Config) -> io::Result<RunningServer> {
     config
         .validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let secret = config.secret().to_string();
+    let signer = config.signer();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Option<Duration>>();
     let thread = std::thread::Builder::new()
@@ -248,7 +315,7 @@ pub fn spawn(config: Config) -> io::Result<RunningServer> {
     match ready_rx.recv() {
         Ok(Ok(addr)) => Ok(RunningServer {
             addr,
-            secret,
+            signer,
             stop: Some(stop_tx),
             thread: Some(thread),
         }),
@@ -270,9 +337,23 @@ impl RunningServer {
         format!("ws://{}/v1/ws", self.addr)
     }
 
+    /// A token for `user`, valid for an hour; None when the server holds no secret to sign
+    /// with (only public keys are configured).
+    pub fn try_token(&self, user: &str) -> Option<String> {
+        self.signer
+            .as_ref()
+            .map(|s| s.sign(user, auth::now_unix() + 3600))
+    }
+
     /// A token for `user`, valid for an hour.
+    ///
+    /// # Panics
+    /// When the server holds no secret to sign with (see [`RunningServer::try_token`]).
     pub fn token(&self, user: &str) -> String {
-        auth::sign(&self.secret, user, auth::now_unix() + 3600)
+        match self.try_token(user) {
+            Some(token) => token,
+            None => panic!("this server verifies public-key tokens only: it cannot sign one"),
+        }
     }
 
     /// Stops in order, as on SIGTERM (see [`Started::run_until`]), and waits for the server

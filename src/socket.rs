@@ -1,6 +1,7 @@
-//! The TCP side of a connection: caps its kernel send buffer when it is accepted, and keeps
-//! a duplicate of its socket so the registry can reset a slow consumer that has stopped
-//! reading (its session actor is then stalled and cannot close itself).
+//! The TCP side of a connection: counts it against `--max-connections` (see
+//! [`crate::limits`]), caps its kernel send buffer when it is accepted, and keeps a duplicate
+//! of its socket so the registry can reset a slow consumer that has stopped reading (its
+//! session actor is then stalled and cannot close itself).
 
 use std::any::Any;
 use std::os::fd::{AsFd, OwnedFd};
@@ -11,6 +12,8 @@ use actix_web::dev::Extensions;
 use actix_web::rt::net::TcpStream;
 use agentcast_actors::router::ResetHandle;
 use socket2::SockRef;
+
+use crate::limits::ConnectionCounter;
 
 /// Requested kernel send buffer per connection; Linux doubles it. Without a cap a stalled
 /// client pins megabytes of kernel memory that RSS does not show. Much smaller and a fast
@@ -38,7 +41,18 @@ impl ConnSocket {
     }
 }
 
-/// `HttpServer::on_connect` hook.
+/// The `HttpServer::on_connect` hook: counts the connection with `counter` (the guard lives
+/// in the connection's extensions), then prepares its socket ([`on_connect`]).
+pub fn on_connect_counted(
+    counter: Arc<ConnectionCounter>,
+) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
+    move |conn, ext| {
+        ext.insert(counter.admit());
+        on_connect(conn, ext);
+    }
+}
+
+/// Prepares a new connection's socket.
 pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
     let Some(tcp) = conn.downcast_ref::<TcpStream>() else {
         return;

@@ -35,7 +35,7 @@ pub use shape::*;
 #[allow(unused_imports)]
 pub use sse::*;
 
-pub const SECRET: &str = "test-secret";
+pub const SECRET: &str = "test-secret-of-at-least-32-bytes-0123456789";
 
 /// The bound on every single wait in the tests.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
