@@ -90,12 +90,12 @@ pub fn authenticate(
     req: &HttpRequest,
     state: &AppState,
     query_token: Option<&str>,
-) -> Result<String, HttpResponse> {
+) -> Result<String, Box<HttpResponse>> {
     let verified = auth::token_of(req, query_token).and_then(|token| state.keys.verify(&token));
     verified.map_err(|e| {
         log::info!("refused {} {}: {e}", req.method(), req.path());
         state.metrics.auth_failure(e.reason());
-        unauthorized(e)
+        Box::new(unauthorized(e))
     })
 }
 
@@ -108,29 +108,29 @@ pub struct StreamQuery {
 }
 
 impl StreamQuery {
-    pub fn parse(req: &HttpRequest) -> Result<StreamQuery, HttpResponse> {
+    pub fn parse(req: &HttpRequest) -> Result<StreamQuery, Box<HttpResponse>> {
         web::Query::<StreamQuery>::from_query(req.query_string())
             .map(web::Query::into_inner)
             .map_err(|e| {
-                error(
+                Box::new(error(
                     StatusCode::BAD_REQUEST,
                     "invalid_field",
                     &format!("bad query string: {e}"),
-                )
+                ))
             })
     }
 
     /// The resume point asked for, if any: `?after_seq=` (with `?epoch=`), else `fallback`
     /// (SSE's `Last-Event-ID`).
-    pub fn resume(&self, fallback: Option<&str>) -> Result<Option<ResumeFrom>, HttpResponse> {
+    pub fn resume(&self, fallback: Option<&str>) -> Result<Option<ResumeFrom>, Box<HttpResponse>> {
         // Where the value came from, to name it in a refusal.
         let (after, name) = match (&self.after_seq, &self.epoch) {
             (None, Some(_)) => {
-                return Err(error(
+                return Err(Box::new(error(
                     StatusCode::BAD_REQUEST,
                     "invalid_field",
                     "epoch needs after_seq",
-                ))
+                )))
             }
             (Some(after), _) => (Some(after.as_str()), "after_seq"),
             (None, None) => (fallback, "the Last-Event-ID header"),
@@ -143,11 +143,11 @@ impl StreamQuery {
                 after_seq,
                 epoch: self.epoch.clone(),
             })),
-            Err(_) => Err(error(
+            Err(_) => Err(Box::new(error(
                 StatusCode::BAD_REQUEST,
                 "invalid_field",
                 &format!("{name} must be a non-negative integer (a seq)"),
-            )),
+            ))),
         }
     }
 }
@@ -175,7 +175,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 /// `GET /v1/agents`: what can be run, and the tools agents can call.
 async fn agents(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Err(refusal) = authenticate(&req, &state, None) {
-        return refusal;
+        return *refusal;
     }
     let agents: Vec<_> = state
         .catalog

@@ -36,7 +36,7 @@ fn not_found() -> HttpResponse {
 async fn start(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let user = match authenticate(&req, &state, None) {
         Ok(user) => user,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     // The same parser as the WebSocket's start_run, so both refuse the same things.
     let mut frame = match serde_json::from_slice::<Value>(&body) {
@@ -125,7 +125,7 @@ async fn inspect(
 ) -> HttpResponse {
     let user = match authenticate(&req, &state, None) {
         Ok(user) => user,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let ask = InspectRun {
         user: user.into(),
@@ -192,7 +192,7 @@ async fn cancel(
 ) -> HttpResponse {
     let user = match authenticate(&req, &state, None) {
         Ok(user) => user,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let run_id = path.into_inner();
     match state

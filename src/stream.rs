@@ -24,15 +24,15 @@ async fn websocket(
 ) -> Result<HttpResponse, actix_web::Error> {
     let query = match StreamQuery::parse(&req) {
         Ok(q) => q,
-        Err(refusal) => return Ok(refusal),
+        Err(refusal) => return Ok(*refusal),
     };
     let user = match authenticate(&req, &state, query.token.as_deref()) {
         Ok(user) => user,
-        Err(refusal) => return Ok(refusal),
+        Err(refusal) => return Ok(*refusal),
     };
     let resume = match query.resume(None) {
         Ok(resume) => resume,
-        Err(refusal) => return Ok(refusal),
+        Err(refusal) => return Ok(*refusal),
     };
     let reset = req.conn_data::<ConnSocket>().map(ConnSocket::reset_handle);
     Session::new(
@@ -49,11 +49,11 @@ async fn websocket(
 async fn events(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let query = match StreamQuery::parse(&req) {
         Ok(q) => q,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let user = match authenticate(&req, &state, query.token.as_deref()) {
         Ok(user) => user,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let last_event_id = match req.headers().get("Last-Event-ID").map(|v| v.to_str()) {
         None => None,
@@ -68,7 +68,7 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     };
     let resume = match query.resume(last_event_id) {
         Ok(resume) => resume,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let reset = req.conn_data::<ConnSocket>().map(ConnSocket::reset_handle);
     let (session, body, joined) = SseSession::new(
