@@ -77,6 +77,10 @@ const MAILBOX: usize = 4096;
 const CATCH_UP_TICK: Duration = Duration::from_millis(2);
 /// Run views (`GET /v1/runs/{id}`) one user may have being sent at once.
 const INSPECTS_PER_USER: usize = 4;
+/// A run whose actor has stopped is only taken for lost if its `agent_completed` has still
+/// not been handled this long after: the actor sends it just before stopping, and a busy
+/// mailbox can hold it for a while.
+const LOST_RUN_GRACE: Duration = Duration::from_secs(5);
 
 struct UserEntry {
     epoch: Arc<str>,
@@ -145,6 +149,8 @@ struct RunRecord {
     /// Its first and latest `seq`: its events are the frames of this run between them in the
     /// user's log.
     seqs: Option<(u64, u64)>,
+    /// Since when its actor has been seen stopped while the run had not ended.
+    stopped_since: Option<Instant>,
 }
 
 pub struct ConnectionRegistry {
@@ -508,12 +514,16 @@ impl ConnectionRegistry {
             r.ended
                 .is_none_or(|(at, _, _)| now.duration_since(at) < ttl)
         });
-        let vanished: Vec<(RunId, UserId)> = self
-            .runs
-            .iter()
-            .filter(|(_, r)| r.ended.is_none() && !r.actor.connected())
-            .map(|(id, r)| (id.clone(), r.user.clone()))
-            .collect();
+        let mut vanished: Vec<(RunId, UserId)> = Vec::new();
+        for (id, r) in self.runs.iter_mut() {
+            if r.ended.is_some() || r.actor.connected() {
+                continue;
+            }
+            let since = *r.stopped_since.get_or_insert(now);
+            if now.duration_since(since) >= LOST_RUN_GRACE {
+                vanished.push((id.clone(), r.user.clone()));
+            }
+        }
         for (run_id, user) in vanished {
             log::error!("run {run_id} of user {user}: its actor stopped without ending the run");
             let end = Emit {
@@ -767,6 +777,7 @@ impl Handler<StartRun> for ConnectionRegistry {
                 started_at: SystemTime::now(),
                 ended: None,
                 seqs: None,
+                stopped_since: None,
             },
         );
         MessageResult(Ok(run_id))
