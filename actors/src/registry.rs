@@ -864,11 +864,14 @@ impl Handler<InspectRun> for ConnectionRegistry {
             (None, Some(_)) => (Vec::new(), true),
             (_, None) => (Vec::new(), false),
         };
-        let entry = entry.ok_or(InspectRefused::NotFound)?;
-        if entry.inspecting >= INSPECTS_PER_USER {
-            return Err(InspectRefused::Busy(INSPECTS_PER_USER));
+        // A user forgotten before the run's record: the view has no events left, and nothing
+        // to count it against.
+        if let Some(entry) = entry {
+            if entry.inspecting >= INSPECTS_PER_USER {
+                return Err(InspectRefused::Busy(INSPECTS_PER_USER));
+            }
+            entry.inspecting += 1;
         }
-        entry.inspecting += 1;
         Ok(RunView {
             run_id: run_id.clone(),
             agent: run.agent.clone(),
