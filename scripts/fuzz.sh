@@ -60,7 +60,7 @@ for t in "${TARGETS[@]}"; do
     -max_len="$(max_len "$t")" -print_final_stats=1 "${dict[@]}" >"$log" 2>&1
   rc=$?
   set -e
-  grep -E '^#[0-9]+ +DONE' "$log" | tail -1 || true
+  grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true
   grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" || true
   echo "   corpus: $(find "corpus/$t" -type f | wc -l) files"
   if [ "$rc" -ne 0 ]; then
