@@ -15,8 +15,10 @@ use serde_json::{json, Value};
 use crate::agent::{Agent, AgentError, AgentRun};
 use crate::catalog::Toolbox;
 
+/// One step of a script. Public (with [`parse`]) so the fuzz targets and property tests can
+/// check what the parser accepted, not just that it did not panic.
 #[derive(Debug, Clone, PartialEq)]
-enum Step {
+pub enum Step {
     Think(String),
     Text(String),
     Tool { name: String, args: Value },
@@ -25,7 +27,8 @@ enum Step {
     Panic,
 }
 
-fn parse(input: &Value) -> Result<Vec<Step>, String> {
+/// Reads a script's steps, or says which step is wrong and why.
+pub fn parse(input: &Value) -> Result<Vec<Step>, String> {
     let steps = input
         .get("steps")
         .and_then(Value::as_array)
