@@ -30,18 +30,28 @@ load --scenario storm --connections 100 --label smoke
 echo "== slow: 2 of 20 tabs stop reading"
 load --scenario slow --users 10 --slow-clients 2 --label smoke
 
-echo "== the checks catch a loss: storm against a server that keeps 1 event for resume"
+# This run must fail: its output goes to a log, shown (each line prefixed) only when it did not
+# fail as it should, and its verdict is printed as the expected failure it is, so that a scan of
+# the log for failures finds none here.
+echo "== the checks catch a loss: storm against a server that keeps 1 event for resume (must fail)"
+must_fail_log=target/bench-smoke-must-fail.log
+show_must_fail_log() { sed 's/^/    must-fail run | /' "$must_fail_log"; }
 set +e
 load --scenario storm --connections 40 --step-sleep-ms 2 --storm-after-ms 100 --storm-pause-ms 200 \
-    --stall-secs 2 --server-arg=--replay-capacity=1 --label smoke-must-fail >target/bench-smoke-must-fail.log 2>&1
+    --stall-secs 2 --server-arg=--replay-capacity=1 --label smoke-must-fail >"$must_fail_log" 2>&1
 rc=$?
 set -e
 if [ "$rc" -ne 1 ]; then
-    cat target/bench-smoke-must-fail.log
+    show_must_fail_log
     echo "FAIL: the harness should have reported lost events (exit 1), it exited $rc" >&2
     exit 1
 fi
-grep -E "FAILED: .*(resume_failures|gaps)" target/bench-smoke-must-fail.log
+if ! caught=$(grep -E "FAILED: .*(resume_failures|gaps)" "$must_fail_log" | sed 's/.*FAILED: //' | paste -sd ';'); then
+    show_must_fail_log
+    echo "FAIL: the harness exited 1 without reporting lost events (resume_failures or gaps)" >&2
+    exit 1
+fi
+echo "   expected failure (the checks must catch a loss): the harness reported $caught"
 
 t2=$(date +%s)
 echo "== bench-smoke: OK (build $((t1 - t0)) s, runs $((t2 - t1)) s; results in $results)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README.md): installs what the tests need on a fresh Debian machine, then
-# runs every test: unit, doc and integration tests (real servers on 127.0.0.1), the bench
-# harness at a small scale (zero-loss checks included), and the browser tests in Chromium.
+# runs every test: unit, doc and integration tests (real servers on 127.0.0.1), the shell
+# examples of README.md (scripts/readme-test.sh), the bench harness at a small scale (zero-loss
+# checks included), and the browser tests in Chromium.
 # CI (.ci/run) calls exactly this. Anything missing or failing stops it loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,13 +13,15 @@ missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v curl >/dev/null || missing+=(curl)
+command -v jq >/dev/null || missing+=(jq)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "== installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
   else
-    echo "FATAL: the browser tests need: ${missing[*]} (apt-get install ${missing[*]})" >&2
+    echo "FATAL: the tests need: ${missing[*]} (apt-get install ${missing[*]})" >&2
     exit 1
   fi
 fi
@@ -27,6 +30,9 @@ echo "== $(cargo --version), node $(node --version), $(/usr/bin/chromium --versi
 
 echo "== unit, doc and integration tests"
 cargo test --workspace --locked
+
+echo "== README.md shell examples, against a dev-mode server"
+AGENTCAST_BIN=target/debug/agentcast bash scripts/readme-test.sh
 
 if [ -f scripts/bench-smoke.sh ]; then
   echo "== bench harness, small scale"

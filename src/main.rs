@@ -1,4 +1,6 @@
-//! The `agentcast` command: `serve` (the default) and `token`.
+//! The `agentcast` command: `serve` (the default), `token` and `watch` (`src/watch.rs`).
+
+mod watch;
 
 use std::process::ExitCode;
 
@@ -53,12 +55,34 @@ enum Command {
         #[arg(long, env = "AGENTCAST_JWKS_FILE", value_name = "FILE", hide = true)]
         jwks_file: Option<std::path::PathBuf>,
     },
+    /// Print a user's frames as they arrive, one JSON per line; with AGENT and INPUT, start a
+    /// run and exit when it completes.
+    #[command(after_help = WATCH_EXIT_CODES)]
+    Watch(watch::WatchArgs),
 }
+
+const WATCH_EXIT_CODES: &str = "\
+Exit status: the started run's status: 0 succeeded, 1 failed, 2 cancelled, 3 timed_out;
+4 the server refused to start it; 5 no connection, or it ended before the run completed;
+64 a bad command line; 130 Ctrl-C.";
 
 fn main() -> ExitCode {
     agentcast::logging::init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // `watch` exits 2 for a cancelled run: its usage errors have their own code.
+            let watching = std::env::args_os().nth(1).is_some_and(|a| a == "watch");
+            return match e.exit_code() {
+                0 => ExitCode::SUCCESS,
+                _ if watching => ExitCode::from(watch::EXIT_USAGE),
+                code => ExitCode::from(u8::try_from(code).unwrap_or(2)),
+            };
+        }
+    };
     match cli.command {
+        Some(Command::Watch(args)) => watch::main(args),
         Some(Command::Token {
             user,
             ttl_secs,

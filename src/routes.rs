@@ -1,6 +1,6 @@
 //! HTTP routes and what they share: the application state, authentication of a request,
-//! JSON errors, health, metrics, the catalog and (dev mode only) the token route. The
-//! streaming endpoints are in `stream.rs`, the runs API in `runs.rs`.
+//! JSON errors, health, metrics, the server's info, the catalog and (dev mode only) the token
+//! route. The streaming endpoints are in `stream.rs`, the runs API in `runs.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,6 +39,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, dev_mode: bool, max_body: usize) 
     cfg.app_data(web::PayloadConfig::new(max_body))
         .route("/healthz", web::get().to(healthz))
         .route("/metrics", web::get().to(metrics))
+        .route("/v1/info", web::get().to(move || info(dev_mode)))
         .route("/v1/agents", web::get().to(agents));
     crate::stream::configure(cfg);
     crate::runs::configure(cfg);
@@ -170,6 +171,16 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())
+}
+
+/// `GET /v1/info`, no auth: what a client needs before signing in, e.g. whether
+/// `POST /v1/dev/token` exists.
+async fn info(dev_mode: bool) -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "protocol": agentcast_actors::protocol::PROTOCOL_VERSION,
+        "dev_mode": dev_mode,
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
 }
 
 /// `GET /v1/agents`: what can be run, and the tools agents can call.

@@ -112,21 +112,31 @@ const runs = new Map();
 
 // ---- sign in ----------------------------------------------------------------------------------
 
+const NOT_DEV_MODE = "This server is not in dev mode: paste a token signed with its secret (agentcast token USER).";
+
+let infoRequest = null;
+/** GET /v1/info, asked once: {protocol, dev_mode, version}, or null when it cannot be read. */
+function serverInfo() {
+  infoRequest ??= fetch("/v1/info")
+    .then((res) => (res.ok ? res.json() : null))
+    .catch(() => null);
+  return infoRequest;
+}
+
 async function devToken(user) {
+  const info = await serverInfo();
+  if (info && !info.dev_mode) {
+    // POST /v1/dev/token only exists in dev mode.
+    showTokenForm();
+    throw new Error(NOT_DEV_MODE);
+  }
   const res = await fetch("/v1/dev/token", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ user }),
   });
   const body = await res.json().catch(() => ({}));
-  if (!res.ok || !body.token) {
-    if (res.status === 404) {
-      // The route only exists in dev mode.
-      showTokenForm();
-      throw new Error("This server is not in dev mode: paste a token signed with its secret (agentcast token USER).");
-    }
-    throw new Error(body.message || `the server answered ${res.status}`);
-  }
+  if (!res.ok || !body.token) throw new Error(body.message || `the server answered ${res.status}`);
   return body.token;
 }
 
@@ -236,6 +246,13 @@ function setupSignIn() {
     busy(byId("signin-token-button"), () => signIn(token));
   });
   byId("sign-out").addEventListener("click", signOut);
+  // Without dev mode, a token is the only way in: open its form and say so at once.
+  serverInfo().then((info) => {
+    if (info && !info.dev_mode) {
+      byId("mode-hint").textContent = NOT_DEV_MODE;
+      byId("token-details").open = true;
+    }
+  });
 
   let saved = null;
   try {
