@@ -3,15 +3,11 @@
 //! cancelled with code `shutdown`, then every connection is closed with 1001 and the process
 //! exits 0.
 
-#![allow(dead_code)]
-
-mod common;
-
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;

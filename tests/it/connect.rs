@@ -1,11 +1,9 @@
 //! Connecting: authentication (PROTOCOL §1, protocol-notes "401"), the welcome frame (§3),
 //! connect-time query validation, HTTP basics, dev mode and the binary (§9).
 
-mod common;
-
 use std::process::Stdio;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// An upgrade request with these credentials must be refused with 401 before the upgrade, both as

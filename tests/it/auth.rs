@@ -3,13 +3,11 @@
 //! answers what it refuses (Basic credentials, oversized requests, a full server).
 //!
 //! Helpers that only these tests need live in this file; the shared ones come from
-//! `tests/common`.
-
-mod common;
+//! `tests/it/common`.
 
 use std::process::Stdio;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// A secret long enough for the server's minimum (32 bytes).

@@ -2,12 +2,7 @@
 //! "Sequence numbers, epochs, memory"): the `resume` command, `?after_seq=` at connect while
 //! events keep coming, `resume_gap`, and forgetting a user after the TTL.
 
-#![allow(dead_code)]
-
-#[allow(dead_code)]
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -1,11 +1,11 @@
-//! The harness of `tests/abuse.rs`: the real `agentcast` binary as a child process, what it
-//! costs (RSS and open fds from /proc), and the clients an attacker would write: raw
-//! WebSocket frames over a plain socket, stalled sockets with a tiny receive buffer, a
-//! keep-alive HTTP client for floods of run starts, a fast SSE reader and fast WebSocket tabs.
+//! The harness of the `abuse` tests (`tests/it/abuse.rs`): the real `agentcast` binary as a
+//! child process, what it costs (RSS and open fds from /proc), and the clients an attacker
+//! would write: raw WebSocket frames over a plain socket, stalled sockets with a tiny receive
+//! buffer, a keep-alive HTTP client for floods of run starts, a fast SSE reader and fast
+//! WebSocket tabs.
 //!
 //! Every wait is bounded, and every attack checks an [`RssWatch`] so it stops as soon as the
 //! server has clearly blown its bound (twice the bound) instead of eating the machine.
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -188,16 +188,6 @@ impl Server {
 
     pub fn fds(&self) -> usize {
         fd_count(self.pid)
-    }
-
-    /// Panics (with the end of the log) if the server has exited.
-    pub fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "the server exited ({status}); end of its log: {:#?}",
-                self.log.tail()
-            );
-        }
     }
 }
 
@@ -834,6 +824,17 @@ pub enum SseNext {
     Ended,
     Failed(String),
     Timeout,
+}
+
+impl std::fmt::Display for SseNext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SseNext::Block(b) => write!(f, "block {}", short(b)),
+            SseNext::Ended => f.write_str("the stream ended"),
+            SseNext::Failed(e) => write!(f, "reading failed: {e}"),
+            SseNext::Timeout => f.write_str("no block in time"),
+        }
+    }
 }
 
 impl SseReader {

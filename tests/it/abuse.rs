@@ -16,13 +16,10 @@
 //! 6. `reading_tabs_never_lose_events`
 //! 7. `sse_resume_and_live_bursts_reach_a_fast_reader`
 //!
-//! Run with `cargo test --test abuse -- --test-threads=1 --nocapture` to see the figures. The
+//! Run with `cargo test --test it abuse:: -- --test-threads=1 --nocapture` to see the figures. The
 //! tests also take a lock so that they run one at a time under the default parallel runner:
 //! each measures one server's memory and timing, and must not share the machine with another.
 
-mod common;
-
-#[path = "abuse/harness.rs"]
 mod harness;
 
 use std::time::Duration;
@@ -404,7 +401,7 @@ async fn stalled_sse_streams_count_until_reset_and_stay_bounded() {
                     SseNext::Block(b) => f.check(sse_fields(&b).event == Some("welcome"), || {
                         format!("cycle {cycle}: the new stream began with {b:?}")
                     }),
-                    other => f.fail(format!("cycle {cycle}: the new stream: {other:?}")),
+                    other => f.fail(format!("cycle {cycle}: the new stream: {other}")),
                 }
             }
             Err(e) => f.fail(format!("cycle {cycle}: a new stream after the resets: {e}")),
@@ -978,7 +975,7 @@ async fn tally_sse(
                 }
             }
             other => {
-                t.stopped = Some(format!("{other:?}"));
+                t.stopped = Some(other.to_string());
                 return t;
             }
         }
@@ -1056,7 +1053,7 @@ async fn sse_resume_and_live_bursts_reach_a_fast_reader() {
     let mut reader = SseReader::new(s, rest);
     match reader.next(Instant::now() + Duration::from_secs(5)).await {
         SseNext::Block(b) => assert_eq!(sse_fields(&b).event, Some("welcome"), "{b}"),
-        other => panic!("no welcome: {other:?}"),
+        other => panic!("no welcome: {other}"),
     }
     let t0 = Instant::now();
     let (run, tally) = tokio::join!(
@@ -1100,11 +1097,11 @@ async fn sse_resume_and_live_bursts_reach_a_fast_reader() {
 async fn request_head_normal(
     addr: std::net::SocketAddr,
     req: &str,
-) -> (tokio::net::TcpStream, common::HttpResponse, Vec<u8>) {
+) -> (tokio::net::TcpStream, crate::common::HttpResponse, Vec<u8>) {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(req.as_bytes()).await?;
-        let head = common::read_response_head(&mut s).await?;
+        let head = crate::common::read_response_head(&mut s).await?;
         Ok::<_, std::io::Error>((s, head))
     };
     match tokio::time::timeout(Duration::from_secs(10), fut).await {

@@ -2,12 +2,10 @@
 //! `POST /v1/runs/{id}/cancel`, `GET /v1/agents`, with their error codes, checked against
 //! what the user's WebSocket connections receive.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// One HTTP request, authenticated as `user` with a Bearer token when `user` is Some.

@@ -5,7 +5,6 @@
 //! Submodules, all re-exported here: `shape` (shape checks on frames and run events, RFC 3339
 //! times), `reads` (strict reads on a `Client`), `sse` (a small SSE client for `/v1/events`),
 //! `scrape` (reading `/metrics`).
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -25,14 +24,10 @@ mod scrape;
 mod shape;
 mod sse;
 
-// Re-exported so that `use common::*;` brings every helper; a test binary need not use them all.
-#[allow(unused_imports)]
+// Re-exported so that `use crate::common::*;` brings every helper.
 pub use reads::*;
-#[allow(unused_imports)]
 pub use scrape::*;
-#[allow(unused_imports)]
 pub use shape::*;
-#[allow(unused_imports)]
 pub use sse::*;
 
 pub const SECRET: &str = "test-secret-of-at-least-32-bytes-0123456789";
@@ -461,36 +456,6 @@ impl Client {
                     let code = Some(f.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005));
                     self.closed = Some(code);
                     return code;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
-                    self.closed = Some(None);
-                    return None;
-                }
-            }
-        }
-    }
-
-    /// Like expect_close but also returns the close reason.
-    pub async fn expect_close_frame(&mut self) -> Option<(u16, String)> {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Ok(m) => m,
-                Err(_) => panic!("the server did not close the connection within {TIMEOUT:?}"),
-            };
-            match msg {
-                Some(Ok(Message::Text(t))) => {
-                    if let Ok(v) = serde_json::from_str(t.as_str()) {
-                        self.kept.push_back(v);
-                    }
-                }
-                Some(Ok(Message::Close(f))) => {
-                    let cf = f
-                        .map(|f| (u16::from(f.code), f.reason.as_str().to_string()))
-                        .unwrap_or((1005, String::new()));
-                    self.closed = Some(Some(cf.0));
-                    return Some(cf);
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => {

@@ -3,12 +3,7 @@
 //! ends with exactly one agent_completed, nothing of a run follows it, and other runs and
 //! users are not disturbed.
 
-#![allow(dead_code)]
-
-#[allow(dead_code)]
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
