@@ -1051,18 +1051,6 @@ async fn a_full_server_refuses_new_connections_quickly() {
 // ---------------------------------------------------------------------------------------------
 // Oversized requests: a clear answer, and no ERROR line per request
 
-/// Sends raw bytes on a new connection and reads the answer (head and body), if any.
-async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> Option<HttpResponse> {
-    use tokio::io::AsyncWriteExt;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    // The server may answer and close before it has read everything: a failed write is fine.
-    let _ = stream.write_all(bytes).await;
-    match tokio::time::timeout(TIMEOUT, read_http_response(&mut stream)).await {
-        Ok(r) => r.ok(),
-        Err(_) => panic!("no answer within {TIMEOUT:?}"),
-    }
-}
-
 fn get_with(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
     for (n, v) in headers {

@@ -39,7 +39,7 @@ async fn assert_refused_401(
         auth_header = format!("Bearer {b}");
         headers.push(("Authorization", &auth_header));
     }
-    let r = http_full(server.addr(), "GET", &path, &headers, "").await;
+    let r = raw_get(server.addr(), &path, &headers).await;
     assert_eq!(r.status, 401, "{what}: raw HTTP status, body {:?}", r.body);
     let body = r.json();
     assert_eq!(
@@ -283,7 +283,7 @@ async fn invalid_after_seq_at_connect_is_400() {
                 describe_error(&e)
             ),
         }
-        let r = http_full(server.addr(), "GET", &path, &WS_UPGRADE_HEADERS, "").await;
+        let r = raw_get(server.addr(), &path, &WS_UPGRADE_HEADERS).await;
         assert_eq!(r.status, 400, "after_seq={bad}: body {:?}", r.body);
         let body = r.json();
         assert_eq!(
