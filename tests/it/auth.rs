@@ -626,48 +626,26 @@ async fn a_changed_key_file_is_reloaded() {
 
 /// An `agentcast serve` child whose log lines are collected.
 struct Child {
-    child: tokio::process::Child,
+    serve: ServeChild,
     addr: std::net::SocketAddr,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Child {
+    /// `agentcast serve` with these flags, and RUST_LOG as the server's default (`info`) unless
+    /// `env` sets it.
     async fn serve(args: &[&str], env: &[(&str, &str)]) -> Child {
-        use tokio::io::AsyncBufReadExt;
-        let addr = free_local_addr();
-        let addr_text = addr.to_string();
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"));
-        cmd.args(["serve", "--bind", addr_text.as_str()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .env_remove("RUST_LOG");
-        for (k, _) in std::env::vars() {
-            if k.starts_with("AGENTCAST_") {
-                cmd.env_remove(k);
-            }
-        }
+        let mut cmd = serve_command(args);
+        cmd.env_remove("RUST_LOG");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawning agentcast serve");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        wait_until_healthy(&mut child, addr).await;
-        Child { child, addr, log }
+        let serve = ServeChild::spawn(cmd).await;
+        let addr = serve.addr;
+        Child { serve, addr }
     }
 
     fn lines(&self) -> Vec<String> {
-        self.log.lock().expect("log lock").clone()
+        self.serve.lines()
     }
 
     /// Waits (bounded) for a log line containing all of `words`.
@@ -691,7 +669,7 @@ impl Child {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("child pid");
+        let pid = self.serve.pid();
         let status = std::process::Command::new("kill")
             .args([&format!("-{sig}"), &pid.to_string()])
             .status()

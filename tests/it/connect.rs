@@ -431,20 +431,10 @@ async fn cli_token_command_prints_an_accepted_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_serve_shuts_down_on_sigterm_with_1001() {
-    let addr = free_local_addr();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"))
-        .args(["serve", "--bind", &addr.to_string()])
-        .env("AGENTCAST_JWT_SECRET", SECRET)
-        .env_remove("AGENTCAST_BIND")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawning agentcast serve");
-    let pid = child.id().expect("child pid");
-
-    wait_until_healthy(&mut child, addr).await;
+    let mut cmd = serve_command(&[]);
+    cmd.env("AGENTCAST_JWT_SECRET", SECRET);
+    let mut child = ServeChild::spawn(cmd).await;
+    let (addr, pid) = (child.addr, child.pid());
 
     let token = agentcast::auth::sign(SECRET, "dave", now_unix() + 3600);
     let mut c = Client::try_connect(&format!("ws://{addr}/v1/ws?token={token}"), None)
@@ -464,7 +454,7 @@ async fn cli_serve_shuts_down_on_sigterm_with_1001() {
         Some(1001),
         "a client of a server stopped by SIGTERM must see close 1001"
     );
-    let status = tokio::time::timeout(TIMEOUT, child.wait())
+    let status = tokio::time::timeout(TIMEOUT, child.process.wait())
         .await
         .expect("agentcast serve did not exit within 10 s of SIGTERM")
         .expect("waiting for agentcast serve");

@@ -27,7 +27,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use crate::common::get_request;
 use crate::common::{
-    http_client, http_within, read_response_head, send, sign_claims, HttpResponse,
+    http_client, http_within, listening_addr, read_response_head, send, sign_claims, HttpResponse,
 };
 
 pub const MIB: f64 = 1024.0 * 1024.0;
@@ -126,16 +126,9 @@ impl Server {
                     let mut tx = Some(tx);
                     for line in BufReader::new(stderr).lines() {
                         let Ok(line) = line else { break };
-                        if let Some(at) = line.find("listening on [") {
-                            let rest = &line[at + "listening on [".len()..];
-                            if let Some(addr) = rest
-                                .split([']', ','])
-                                .next()
-                                .and_then(|a| a.trim().parse().ok())
-                            {
-                                if let Some(tx) = tx.take() {
-                                    let _ = tx.send(addr);
-                                }
+                        if let Some(addr) = listening_addr(&line) {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(addr);
                             }
                         }
                         log.take(line);

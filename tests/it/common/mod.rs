@@ -9,10 +9,13 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -524,37 +527,85 @@ pub fn http_status(e: &tungstenite::Error) -> Option<u16> {
 // ---------------------------------------------------------------------------------------------
 // The binary as a child process.
 
-/// A 127.0.0.1 address whose port was free a moment ago, for a child `agentcast serve --bind`.
-pub fn free_local_addr() -> SocketAddr {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    format!("127.0.0.1:{port}").parse().unwrap()
+/// `agentcast serve --bind 127.0.0.1:0` plus `args`, as a child process for [`ServeChild::spawn`]:
+/// no `AGENTCAST_*` variable from the environment (the caller may set some), `RUST_LOG=info`
+/// (so that it logs where it listens), stderr piped, killed on drop.
+pub fn serve_command(args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"));
+    cmd.args(["serve", "--bind", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AGENTCAST_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
-/// Waits until the child `agentcast serve` at `addr` answers `GET /healthz` with 200, polling every
-/// 100 ms for at most 10 s (for a child process to listen, bounded polling is the only way).
-/// Panics if the child exits first or never answers.
-pub async fn wait_until_healthy(child: &mut tokio::process::Child, addr: SocketAddr) {
-    let mut healthy = false;
-    for _ in 0..100 {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("agentcast serve exited early: {status:?}");
-        }
-        if TcpStream::connect(addr).await.is_ok() {
-            let (status, _) = http(addr, "GET", "/healthz", &[], "").await;
-            if status == 200 {
-                healthy = true;
-                break;
+/// The address in the server's `agentcast listening on [ADDR, ...]` log line, if `line` is it.
+pub fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let at = line.find("listening on [")?;
+    let rest = &line[at + "listening on [".len()..];
+    rest.split([']', ',']).next()?.trim().parse().ok()
+}
+
+/// A child `agentcast serve` (see [`serve_command`]) and its log, read as it comes (always
+/// drained: a full pipe would stall the server's logging).
+pub struct ServeChild {
+    pub process: tokio::process::Child,
+    /// Where it listens, as its log said.
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServeChild {
+    /// Spawns `cmd` and waits until its log says `listening on [ADDR` (the port the kernel gave
+    /// it: no port is picked beforehand, so none can be taken in between). Panics if that line
+    /// does not come within TIMEOUT, or the child exits first.
+    pub async fn spawn(mut cmd: tokio::process::Command) -> ServeChild {
+        let mut process = cmd.spawn().expect("spawning agentcast serve");
+        let stderr = process.stderr.take().expect("serve_command pipes stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = listening_addr(&line) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+                sink.lock().expect("log lock").push(line);
             }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+        let addr = match tokio::time::timeout(TIMEOUT, rx).await {
+            Ok(Ok(addr)) => addr,
+            // The log ended (the child exited) or the line never came.
+            _ => panic!(
+                "agentcast serve did not log `listening on [ADDR` within {TIMEOUT:?} (exit \
+                 status {:?}); log: {:#?}",
+                process.try_wait(),
+                log.lock().expect("log lock")
+            ),
+        };
+        ServeChild { process, addr, log }
     }
-    assert!(
-        healthy,
-        "agentcast serve did not answer /healthz within 10 s"
-    );
+
+    pub fn pid(&self) -> u32 {
+        self.process.id().expect("the child is running")
+    }
+
+    /// The log lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
