@@ -6,6 +6,7 @@ mod common;
 mod abuse;
 mod auth;
 mod connect;
+mod docs;
 mod drain;
 mod faults;
 mod frames;
