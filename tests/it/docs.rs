@@ -225,7 +225,7 @@ fn inner_claims(mut rest: &str, out: &mut Vec<Claim>) {
         // Only identifiers that start here (not the tail of a number or of another word).
         let before = rest[..at].chars().next_back();
         let (path, after) = leading_path(&rest[at..]);
-        if !before.is_some_and(is_ident_char) && !before.is_some_and(|c| c == '.') {
+        if before.is_none_or(|c| !is_ident_char(c) && c != '.') {
             if path.contains("::") {
                 path_claims(path, out);
             } else if is_camel(path) {
@@ -246,11 +246,10 @@ fn claims_of(span: &str) -> Vec<Claim> {
     let (head, rest) = leading_path(span);
     if head.contains("::") {
         path_claims(head, &mut out);
-    } else if is_camel(head)
-        && (rest.is_empty() || rest.starts_with(['(', '<']) || rest.starts_with(" {"))
+    } else if (is_camel(head)
+        && (rest.is_empty() || rest.starts_with(['(', '<']) || rest.starts_with(" {")))
+        || (is_snake(head) && rest.starts_with('('))
     {
-        out.push(Claim::Name(head.to_string()));
-    } else if is_snake(head) && rest.starts_with('(') {
         out.push(Claim::Name(head.to_string()));
     } else if is_snake(head) && head.contains('_') && rest.is_empty() {
         out.push(Claim::Name(head.to_string()));

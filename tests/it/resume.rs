@@ -446,7 +446,7 @@ async fn resume_gap_cases() {
 
     let mut gapped: Vec<Client> = Vec::new();
     for q in [
-        format!("after_seq=0"),
+        "after_seq=0".to_string(),
         format!("after_seq={}&epoch={}", oldest - 2, percent_encode(&epoch)),
         format!(
             "after_seq={last}&epoch={}",
