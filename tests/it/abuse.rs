@@ -16,9 +16,12 @@
 //! 6. `reading_tabs_never_lose_events`
 //! 7. `sse_resume_and_live_bursts_reach_a_fast_reader`
 //!
-//! Run with `cargo test --test it abuse:: -- --test-threads=1 --nocapture` to see the figures. The
-//! tests also take a lock so that they run one at a time under the default parallel runner:
-//! each measures one server's memory and timing, and must not share the machine with another.
+//! Run with `cargo test --test it abuse:: -- --test-threads=1 --nocapture` to see the figures.
+//! The tests also take a lock so that they run one at a time under the default parallel runner:
+//! each measures one server's memory and timing, and must not share the machine with another
+//! attack. The other tests of this binary may run beside them: they do not count in the child
+//! server's RSS or fds, and each time bound here leaves a second or more over what the server
+//! takes, which their CPU use does not eat (checked with 2 and 4 test threads on 2 cores).
 
 mod harness;
 
@@ -34,9 +37,9 @@ use harness::*;
 
 const SLOW: &str = "agentcast_slow_consumer_closes_total";
 
-/// One test at a time even under the default parallel test runner: each measures a server's
-/// memory and timing, which a neighbour's attack would distort. (A tokio mutex: it works across
-/// the tests' runtimes and a failed test does not poison it.)
+/// One abuse test at a time even under the default parallel test runner: each measures a
+/// server's memory and timing, which a neighbour's attack would distort. (A tokio mutex: it
+/// works across the tests' runtimes and a failed test does not poison it.)
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn secs(d: Duration) -> f64 {
