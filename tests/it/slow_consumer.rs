@@ -2,12 +2,7 @@
 //! not read is dropped (close 4008 `slow_consumer` if it reads again within the grace period,
 //! a reset after it) without stalling anyone else, and loses nothing it cannot resume.
 
-#![allow(dead_code)]
-
-#[allow(dead_code)]
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};

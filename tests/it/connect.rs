@@ -1,11 +1,9 @@
 //! Connecting: authentication (PROTOCOL §1, protocol-notes "401"), the welcome frame (§3),
 //! connect-time query validation, HTTP basics, dev mode and the binary (§9).
 
-mod common;
-
 use std::process::Stdio;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// An upgrade request with these credentials must be refused with 401 before the upgrade, both as
@@ -41,7 +39,7 @@ async fn assert_refused_401(
         auth_header = format!("Bearer {b}");
         headers.push(("Authorization", &auth_header));
     }
-    let r = http_full(server.addr(), "GET", &path, &headers, "").await;
+    let r = raw_get(server.addr(), &path, &headers).await;
     assert_eq!(r.status, 401, "{what}: raw HTTP status, body {:?}", r.body);
     let body = r.json();
     assert_eq!(
@@ -285,7 +283,7 @@ async fn invalid_after_seq_at_connect_is_400() {
                 describe_error(&e)
             ),
         }
-        let r = http_full(server.addr(), "GET", &path, &WS_UPGRADE_HEADERS, "").await;
+        let r = raw_get(server.addr(), &path, &WS_UPGRADE_HEADERS).await;
         assert_eq!(r.status, 400, "after_seq={bad}: body {:?}", r.body);
         let body = r.json();
         assert_eq!(
@@ -368,12 +366,11 @@ fn dev_mode_refuses_a_non_loopback_bind() {
         config.validate().is_err(),
         "Config::validate accepts dev mode on 0.0.0.0"
     );
-    match agentcast::spawn(config) {
-        Ok(server) => panic!(
+    if let Ok(server) = agentcast::spawn(config) {
+        panic!(
             "spawn served dev mode on a non-loopback address: {}",
             server.addr()
-        ),
-        Err(_) => {}
+        );
     }
 }
 
@@ -433,20 +430,10 @@ async fn cli_token_command_prints_an_accepted_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_serve_shuts_down_on_sigterm_with_1001() {
-    let addr = free_local_addr();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"))
-        .args(["serve", "--bind", &addr.to_string()])
-        .env("AGENTCAST_JWT_SECRET", SECRET)
-        .env_remove("AGENTCAST_BIND")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawning agentcast serve");
-    let pid = child.id().expect("child pid");
-
-    wait_until_healthy(&mut child, addr).await;
+    let mut cmd = serve_command(&[]);
+    cmd.env("AGENTCAST_JWT_SECRET", SECRET);
+    let mut child = ServeChild::spawn(cmd).await;
+    let (addr, pid) = (child.addr, child.pid());
 
     let token = agentcast::auth::sign(SECRET, "dave", now_unix() + 3600);
     let mut c = Client::try_connect(&format!("ws://{addr}/v1/ws?token={token}"), None)
@@ -466,7 +453,7 @@ async fn cli_serve_shuts_down_on_sigterm_with_1001() {
         Some(1001),
         "a client of a server stopped by SIGTERM must see close 1001"
     );
-    let status = tokio::time::timeout(TIMEOUT, child.wait())
+    let status = tokio::time::timeout(TIMEOUT, child.process.wait())
         .await
         .expect("agentcast serve did not exit within 10 s of SIGTERM")
         .expect("waiting for agentcast serve");

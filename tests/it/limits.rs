@@ -2,13 +2,9 @@
 //! connections per user (`--max-connections-per-user`): the connection over the limit is
 //! upgraded and then closed with 1008.
 
-#![allow(dead_code)]
-
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;

@@ -1,11 +1,9 @@
 //! Liveness (PROTOCOL §6, §3 heartbeat; protocol-notes "Liveness"): server pings with heartbeat
 //! frames, the idle timeout, and graceful shutdown.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
@@ -191,7 +189,7 @@ async fn responsive_connection_stays_open_past_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_cancels_running_runs_then_closes_with_1001() {
-    // No drain time: running runs are cancelled at once (tests/drain.rs covers the drain).
+    // No drain time: running runs are cancelled at once (the `drain` tests cover the drain).
     let mut cfg = test_config();
     cfg.drain_secs = 0;
     let server = start(cfg);
@@ -252,7 +250,7 @@ async fn stop_cancels_running_runs_then_closes_with_1001() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_closes_an_open_tool_call_before_agent_completed() {
-    // No drain time: running runs are cancelled at once (tests/drain.rs covers the drain).
+    // No drain time: running runs are cancelled at once (the `drain` tests cover the drain).
     let mut cfg = test_config();
     cfg.drain_secs = 0;
     let server = start(cfg);

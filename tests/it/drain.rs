@@ -3,15 +3,10 @@
 //! cancelled with code `shutdown`, then every connection is closed with 1001 and the process
 //! exits 0.
 
-#![allow(dead_code)]
-
-mod common;
-
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -176,23 +171,10 @@ async fn wait_for_drain(addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_runs_then_cancels_the_rest_closes_1001_and_exits_0() {
     const DRAIN: Duration = Duration::from_secs(2);
-    let addr = free_local_addr();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"));
-    cmd.args(["serve", "--bind", &addr.to_string(), "--drain-secs", "2"])
-        .env("AGENTCAST_JWT_SECRET", SECRET)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("AGENTCAST_") && k != "AGENTCAST_JWT_SECRET" {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd.spawn().expect("spawning agentcast serve");
-    let pid = child.id().expect("child pid");
-
-    wait_until_healthy(&mut child, addr).await;
+    let mut cmd = serve_command(&["--drain-secs", "2"]);
+    cmd.env("AGENTCAST_JWT_SECRET", SECRET);
+    let mut child = ServeChild::spawn(cmd).await;
+    let (addr, pid) = (child.addr, child.pid());
 
     let token = |user: &str| agentcast::auth::sign(SECRET, user, now_unix() + 3600);
     let connect = |user: &'static str| {
@@ -312,7 +294,7 @@ async fn sigterm_drains_runs_then_cancels_the_rest_closes_1001_and_exits_0() {
 
     let status = tokio::time::timeout_at(
         (sigterm + DRAIN + Duration::from_secs(5)).into(),
-        child.wait(),
+        child.process.wait(),
     )
     .await
     .expect("agentcast serve did not exit within drain + 5 s of SIGTERM")

@@ -1,11 +1,11 @@
-//! The harness of `tests/abuse.rs`: the real `agentcast` binary as a child process, what it
-//! costs (RSS and open fds from /proc), and the clients an attacker would write: raw
-//! WebSocket frames over a plain socket, stalled sockets with a tiny receive buffer, a
-//! keep-alive HTTP client for floods of run starts, a fast SSE reader and fast WebSocket tabs.
+//! The harness of the `abuse` tests (`tests/it/abuse.rs`): the real `agentcast` binary as a
+//! child process, what it costs (RSS and open fds from /proc), and the clients an attacker
+//! would write: raw WebSocket frames over a plain socket, stalled sockets with a tiny receive
+//! buffer, a keep-alive HTTP client for floods of run starts, a fast SSE reader and fast
+//! WebSocket tabs.
 //!
 //! Every wait is bounded, and every attack checks an [`RssWatch`] so it stops as soon as the
 //! server has clearly blown its bound (twice the bound) instead of eating the machine.
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -25,7 +25,10 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::common::{read_http_response, read_response_head, sign_claims, HttpResponse};
+pub use crate::common::get_request;
+use crate::common::{
+    http_client, http_within, listening_addr, read_response_head, send, sign_claims, HttpResponse,
+};
 
 pub const MIB: f64 = 1024.0 * 1024.0;
 
@@ -123,16 +126,9 @@ impl Server {
                     let mut tx = Some(tx);
                     for line in BufReader::new(stderr).lines() {
                         let Ok(line) = line else { break };
-                        if let Some(at) = line.find("listening on [") {
-                            let rest = &line[at + "listening on [".len()..];
-                            if let Some(addr) = rest
-                                .split([']', ','])
-                                .next()
-                                .and_then(|a| a.trim().parse().ok())
-                            {
-                                if let Some(tx) = tx.take() {
-                                    let _ = tx.send(addr);
-                                }
+                        if let Some(addr) = listening_addr(&line) {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(addr);
                             }
                         }
                         log.take(line);
@@ -188,16 +184,6 @@ impl Server {
 
     pub fn fds(&self) -> usize {
         fd_count(self.pid)
-    }
-
-    /// Panics (with the end of the log) if the server has exited.
-    pub fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "the server exited ({status}); end of its log: {:#?}",
-                self.log.tail()
-            );
-        }
     }
 }
 
@@ -448,32 +434,15 @@ pub async fn request_head_small(
     }
 }
 
-pub fn get_request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> String {
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
-    for (n, v) in headers {
-        req.push_str(&format!("{n}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req
-}
-
 /// One request on a new connection (`Connection: close`), whole response read; Err after
 /// `bound`.
 pub async fn http_once(
     addr: SocketAddr,
-    req: &str,
+    path: &str,
+    headers: &[(&str, &str)],
     bound: Duration,
 ) -> Result<HttpResponse, String> {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(req.as_bytes()).await?;
-        read_http_response(&mut s).await
-    };
-    match tokio::time::timeout(bound, fut).await {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => Err(format!("{e}")),
-        Err(_) => Err(format!("no complete response within {bound:?}")),
-    }
+    http_within(addr, "GET", path, headers, "", bound).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -481,7 +450,8 @@ pub async fn http_once(
 
 pub struct Http {
     addr: SocketAddr,
-    conn: Option<TcpStream>,
+    /// awc's pool keeps the connection between calls (and drops one the server has closed).
+    client: awc::Client,
     /// `--max-runs-per-user` of the server: `start_run` waits for room below it.
     pub max_runs: f64,
 }
@@ -490,12 +460,13 @@ impl Http {
     pub fn new(addr: SocketAddr) -> Http {
         Http {
             addr,
-            conn: None,
+            client: http_client(),
             max_runs: 16.0,
         }
     }
 
-    /// One request on the kept connection (reconnecting once if the server had closed it).
+    /// One request on the kept connection (trying once more if that failed, e.g. because the
+    /// server had just closed it).
     pub async fn call(
         &mut self,
         method: &str,
@@ -503,41 +474,12 @@ impl Http {
         headers: &[(&str, &str)],
         body: &str,
     ) -> HttpResponse {
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            self.addr,
-            body.len()
-        );
-        for (n, v) in headers {
-            req.push_str(&format!("{n}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
         for attempt in 0..2 {
-            if self.conn.is_none() {
-                let s = TcpStream::connect(self.addr)
-                    .await
-                    .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.addr));
-                let _ = s.set_nodelay(true);
-                self.conn = Some(s);
-            }
-            let s = self.conn.as_mut().unwrap();
-            let exchange = async {
-                s.write_all(req.as_bytes()).await?;
-                read_http_response(s).await
-            };
+            let exchange = send(&self.client, self.addr, method, path, headers, body, false);
             match tokio::time::timeout(Duration::from_secs(20), exchange).await {
-                Ok(Ok(r)) => {
-                    if r.header("connection")
-                        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-                    {
-                        self.conn = None;
-                    }
-                    return r;
-                }
+                Ok(Ok(r)) => return r,
                 Ok(Err(e)) if attempt == 0 => {
-                    log_once(&format!("keep-alive connection failed ({e}); reconnecting"));
-                    self.conn = None;
+                    log_once(&format!("keep-alive connection failed ({e}); trying again"));
                 }
                 Ok(Err(e)) => panic!("{method} {path}: {e}"),
                 Err(_) => panic!("{method} {path}: no answer within 20 s"),
@@ -834,6 +776,17 @@ pub enum SseNext {
     Ended,
     Failed(String),
     Timeout,
+}
+
+impl std::fmt::Display for SseNext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SseNext::Block(b) => write!(f, "block {}", short(b)),
+            SseNext::Ended => f.write_str("the stream ended"),
+            SseNext::Failed(e) => write!(f, "reading failed: {e}"),
+            SseNext::Timeout => f.write_str("no block in time"),
+        }
+    }
 }
 
 impl SseReader {

@@ -2,12 +2,7 @@
 //! No frame of one user reaches another user's connection; every connection of a user
 //! receives every event of that user's runs, in the same order, with the same bytes.
 
-#![allow(dead_code)]
-
-#[allow(dead_code)]
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::collections::HashSet;

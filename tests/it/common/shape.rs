@@ -285,7 +285,7 @@ pub fn assert_run_shape(events: &[Value]) {
             dump()
         );
         assert!(
-            e.get("data").map_or(false, Value::is_object),
+            e.get("data").is_some_and(Value::is_object),
             "event {i} has no data object:\n  {}",
             dump()
         );

@@ -1,13 +1,9 @@
 //! `GET /metrics` (PROTOCOL.md §7): Prometheus text, no auth. Each test runs on a fresh server
 //! and checks that the counters and gauges move by exactly what the test did.
 
-#![allow(dead_code)]
-
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 const TYPES: [&str; 7] = [

@@ -2,11 +2,9 @@
 //! (PROTOCOL §3, §4; protocol-notes "Which error code"), closes for binary and oversized frames,
 //! and the per-connection rate limit.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;

@@ -1,12 +1,7 @@
 //! Run events (PROTOCOL.md §2) of the built-in agents (§8): envelope, payload shapes,
 //! ordering, sequence numbers, and the ack-before-events rule.
 
-#![allow(dead_code)]
-
-#[allow(dead_code)]
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------

@@ -1,38 +1,40 @@
 //! The shared test client: a real tokio-tungstenite WebSocket client against a real
-//! `agentcast::spawn`ed server, plus a tiny HTTP/1.1 client and a raw WebSocket handshake.
-//! Every wait is bounded by `TIMEOUT` so a broken server fails a test instead of hanging it.
+//! `agentcast::spawn`ed server. Every wait is bounded by `TIMEOUT` so a broken server fails a
+//! test instead of hanging it.
 //!
-//! Submodules, all re-exported here: `shape` (shape checks on frames and run events, RFC 3339
-//! times), `reads` (strict reads on a `Client`), `sse` (a small SSE client for `/v1/events`),
-//! `scrape` (reading `/metrics`).
-#![allow(dead_code)]
+//! Submodules, all re-exported here: `http` (HTTP requests through awc), `raw` (hand-made
+//! requests and response heads read off a plain socket, for tests about bytes on the wire),
+//! `shape` (shape checks on frames and run events, RFC 3339 times), `reads` (strict reads on a
+//! `Client`), `sse` (a small SSE client for `/v1/events`), `scrape` (reading `/metrics`).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+mod http;
+mod raw;
 mod reads;
 mod scrape;
 mod shape;
 mod sse;
 
-// Re-exported so that `use common::*;` brings every helper; a test binary need not use them all.
-#[allow(unused_imports)]
+// Re-exported so that `use crate::common::*;` brings every helper.
+pub use http::*;
+pub use raw::*;
 pub use reads::*;
-#[allow(unused_imports)]
 pub use scrape::*;
-#[allow(unused_imports)]
 pub use shape::*;
-#[allow(unused_imports)]
 pub use sse::*;
 
 pub const SECRET: &str = "test-secret-of-at-least-32-bytes-0123456789";
@@ -471,36 +473,6 @@ impl Client {
         }
     }
 
-    /// Like expect_close but also returns the close reason.
-    pub async fn expect_close_frame(&mut self) -> Option<(u16, String)> {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Ok(m) => m,
-                Err(_) => panic!("the server did not close the connection within {TIMEOUT:?}"),
-            };
-            match msg {
-                Some(Ok(Message::Text(t))) => {
-                    if let Ok(v) = serde_json::from_str(t.as_str()) {
-                        self.kept.push_back(v);
-                    }
-                }
-                Some(Ok(Message::Close(f))) => {
-                    let cf = f
-                        .map(|f| (u16::from(f.code), f.reason.as_str().to_string()))
-                        .unwrap_or((1005, String::new()));
-                    self.closed = Some(Some(cf.0));
-                    return Some(cf);
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
-                    self.closed = Some(None);
-                    return None;
-                }
-            }
-        }
-    }
-
     /// Sends ping with a fresh request_id and asserts the matching pong arrives: proof that the
     /// connection is alive and served.
     pub async fn assert_alive(&mut self) {
@@ -553,316 +525,87 @@ pub fn http_status(e: &tungstenite::Error) -> Option<u16> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A tiny HTTP/1.1 client.
-
-/// A response: status, headers (names lower-cased), body.
-#[derive(Debug)]
-pub struct HttpResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl HttpResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("HTTP body is not JSON ({e}): {:?}", self.body))
-    }
-}
-
-/// One HTTP/1.1 request; returns (status, body).
-pub async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let r = http_full(addr, method, path, headers, body).await;
-    (r.status, r.body)
-}
-
-/// One HTTP/1.1 request with the response headers too. Panics after TIMEOUT.
-pub async fn http_full(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> HttpResponse {
-    match tokio::time::timeout(TIMEOUT, http_inner(addr, method, path, headers, body)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => panic!("HTTP {method} {path} failed: {e}"),
-        Err(_) => panic!("HTTP {method} {path} got no complete answer within {TIMEOUT:?}"),
-    }
-}
-
-async fn http_inner(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> std::io::Result<HttpResponse> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
-    let has = |n: &str| headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(n));
-    if !has("connection") {
-        req.push_str("Connection: close\r\n");
-    }
-    if !body.is_empty() && !has("content-type") {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    if !body.is_empty() || method == "POST" {
-        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    for (n, v) in headers {
-        req.push_str(&format!("{n}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    stream.write_all(req.as_bytes()).await?;
-    read_http_response(&mut stream).await
-}
-
-/// A response head as read off the wire.
-pub struct ResponseHead {
-    /// The status line, as sent.
-    pub status_line: String,
-    /// The status code of the status line; None when it has none.
-    pub status: Option<u16>,
-    /// The header lines (names lower-cased, names and values trimmed).
-    pub headers: Vec<(String, String)>,
-    /// Bytes that arrived after the blank line ending the head.
-    pub rest: Vec<u8>,
-}
-
-impl ResponseHead {
-    /// The head as an HttpResponse with an empty body (status 0 when the status line had none),
-    /// and the bytes that came after it.
-    pub fn without_body(self) -> (HttpResponse, Vec<u8>) {
-        let head = HttpResponse {
-            status: self.status.unwrap_or(0),
-            headers: self.headers,
-            body: String::new(),
-        };
-        (head, self.rest)
-    }
-}
-
-/// Reads an HTTP response head (up to the blank line). Err when the connection ends first.
-pub async fn read_response_head(stream: &mut TcpStream) -> std::io::Result<ResponseHead> {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            break i;
-        }
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "connection ended inside the response head: {:?}",
-                    String::from_utf8_lossy(&buf)
-                ),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let rest = buf[head_end + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or("").to_string();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok());
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Ok(ResponseHead {
-        status_line,
-        status,
-        headers,
-        rest,
-    })
-}
-
-/// Reads one HTTP response (head, then a body framed by Content-Length, chunked encoding, or EOF).
-pub async fn read_http_response(stream: &mut TcpStream) -> std::io::Result<HttpResponse> {
-    let ResponseHead {
-        status_line,
-        status,
-        headers,
-        mut rest,
-    } = read_response_head(stream).await?;
-    let status: u16 = status.ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad status line {status_line:?}"),
-        )
-    })?;
-    let get = |n: &str| headers.iter().find(|(h, _)| h == n).map(|(_, v)| v.clone());
-    let body_bytes = if status == 101 || status == 204 || status == 304 {
-        Vec::new()
-    } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        while rest.len() < len {
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            rest.extend_from_slice(&chunk[..n]);
-        }
-        rest.truncate(len);
-        rest
-    } else if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        let mut out = Vec::new();
-        loop {
-            // Need a full chunk-size line.
-            while find(&rest, b"\r\n").is_none() {
-                let mut chunk = [0u8; 4096];
-                let n = stream.read(&mut chunk).await?;
-                if n == 0 {
-                    return Ok(HttpResponse {
-                        status,
-                        headers,
-                        body: String::from_utf8_lossy(&out).into_owned(),
-                    });
-                }
-                rest.extend_from_slice(&chunk[..n]);
-            }
-            let line_end = find(&rest, b"\r\n").unwrap();
-            let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("bad chunk size {size_text:?}"),
-                    )
-                })?;
-            if size == 0 {
-                break;
-            }
-            while rest.len() < line_end + 2 + size + 2 {
-                let mut chunk = [0u8; 4096];
-                let n = stream.read(&mut chunk).await?;
-                if n == 0 {
-                    break;
-                }
-                rest.extend_from_slice(&chunk[..n]);
-            }
-            let end = (line_end + 2 + size).min(rest.len());
-            out.extend_from_slice(&rest[line_end + 2..end]);
-            rest.drain(..(end + 2).min(rest.len()));
-        }
-        out
-    } else {
-        stream.read_to_end(&mut rest).await?;
-        rest
-    };
-    Ok(HttpResponse {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body_bytes).into_owned(),
-    })
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// The fixed key of the hand-made WebSocket handshakes below.
-pub const RAW_WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-
-/// The headers that make a GET a WebSocket upgrade request (with the fixed key).
-pub const WS_UPGRADE_HEADERS: [(&str, &str); 4] = [
-    ("Upgrade", "websocket"),
-    ("Connection", "Upgrade"),
-    ("Sec-WebSocket-Key", RAW_WS_KEY),
-    ("Sec-WebSocket-Version", "13"),
-];
-
-/// Sends `GET path_and_query` over a new TcpStream with a Host header, then `headers` in order, and
-/// no body; reads the response head. Returns the stream (positioned after the head), the head (as
-/// an HttpResponse with an empty body) and any bytes that came with it.
-pub async fn get_response_head(
-    addr: SocketAddr,
-    path_and_query: &str,
-    headers: &[(&str, &str)],
-) -> std::io::Result<(TcpStream, HttpResponse, Vec<u8>)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let mut req = format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\n");
-    for (n, v) in headers {
-        req.push_str(&format!("{n}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await?;
-    let (head, after) = read_response_head(&mut stream).await?.without_body();
-    Ok((stream, head, after))
-}
-
-/// Sends a WebSocket upgrade request for `path_and_query` by hand over a plain TcpStream and
-/// returns the stream and the response head. The stream is positioned after the response head when
-/// the status is 101; any bytes that came with the head are returned too.
-pub async fn raw_ws_upgrade(
-    addr: SocketAddr,
-    path_and_query: &str,
-    extra_headers: &[(&str, &str)],
-) -> (TcpStream, HttpResponse, Vec<u8>) {
-    let mut headers = WS_UPGRADE_HEADERS.to_vec();
-    headers.extend_from_slice(extra_headers);
-    match tokio::time::timeout(TIMEOUT, get_response_head(addr, path_and_query, &headers)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => panic!("raw WebSocket upgrade failed: {e}"),
-        Err(_) => panic!("raw WebSocket upgrade timed out"),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The binary as a child process.
 
-/// A 127.0.0.1 address whose port was free a moment ago, for a child `agentcast serve --bind`.
-pub fn free_local_addr() -> SocketAddr {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    format!("127.0.0.1:{port}").parse().unwrap()
+/// `agentcast serve --bind 127.0.0.1:0` plus `args`, as a child process for [`ServeChild::spawn`]:
+/// no `AGENTCAST_*` variable from the environment (the caller may set some), `RUST_LOG=info`
+/// (so that it logs where it listens), stderr piped, killed on drop.
+pub fn serve_command(args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"));
+    cmd.args(["serve", "--bind", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AGENTCAST_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
-/// Waits until the child `agentcast serve` at `addr` answers `GET /healthz` with 200, polling every
-/// 100 ms for at most 10 s (for a child process to listen, bounded polling is the only way).
-/// Panics if the child exits first or never answers.
-pub async fn wait_until_healthy(child: &mut tokio::process::Child, addr: SocketAddr) {
-    let mut healthy = false;
-    for _ in 0..100 {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("agentcast serve exited early: {status:?}");
-        }
-        if TcpStream::connect(addr).await.is_ok() {
-            let (status, _) = http(addr, "GET", "/healthz", &[], "").await;
-            if status == 200 {
-                healthy = true;
-                break;
+/// The address in the server's `agentcast listening on [ADDR, ...]` log line, if `line` is it.
+pub fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let at = line.find("listening on [")?;
+    let rest = &line[at + "listening on [".len()..];
+    rest.split([']', ',']).next()?.trim().parse().ok()
+}
+
+/// A child `agentcast serve` (see [`serve_command`]) and its log, read as it comes (always
+/// drained: a full pipe would stall the server's logging).
+pub struct ServeChild {
+    pub process: tokio::process::Child,
+    /// Where it listens, as its log said.
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServeChild {
+    /// Spawns `cmd` and waits until its log says `listening on [ADDR` (the port the kernel gave
+    /// it: no port is picked beforehand, so none can be taken in between). Panics if that line
+    /// does not come within TIMEOUT, or the child exits first.
+    pub async fn spawn(mut cmd: tokio::process::Command) -> ServeChild {
+        let mut process = cmd.spawn().expect("spawning agentcast serve");
+        let stderr = process.stderr.take().expect("serve_command pipes stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = listening_addr(&line) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+                sink.lock().expect("log lock").push(line);
             }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+        let addr = match tokio::time::timeout(TIMEOUT, rx).await {
+            Ok(Ok(addr)) => addr,
+            // The log ended (the child exited) or the line never came.
+            _ => panic!(
+                "agentcast serve did not log `listening on [ADDR` within {TIMEOUT:?} (exit \
+                 status {:?}); log: {:#?}",
+                process.try_wait(),
+                log.lock().expect("log lock")
+            ),
+        };
+        ServeChild { process, addr, log }
     }
-    assert!(
-        healthy,
-        "agentcast serve did not answer /healthz within 10 s"
-    );
+
+    pub fn pid(&self) -> u32 {
+        self.process.id().expect("the child is running")
+    }
+
+    /// The log lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

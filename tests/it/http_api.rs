@@ -2,12 +2,10 @@
 //! `POST /v1/runs/{id}/cancel`, `GET /v1/agents`, with their error codes, checked against
 //! what the user's WebSocket connections receive.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// One HTTP request, authenticated as `user` with a Bearer token when `user` is Some.
@@ -356,7 +354,7 @@ async fn get_run_shows_running_then_the_final_status_with_the_websocket_events()
         "events of the running run are not a prefix of the run's events:\n GET: {partial:?}\n WS: {ws_events:?}"
     );
     assert!(
-        partial.iter().any(|e| *e == executing),
+        partial.contains(&executing),
         "GET while running lacks the tool_executing the WebSocket already had: {partial:?}"
     );
     assert!(

@@ -3,13 +3,11 @@
 //! answers what it refuses (Basic credentials, oversized requests, a full server).
 //!
 //! Helpers that only these tests need live in this file; the shared ones come from
-//! `tests/common`.
-
-mod common;
+//! `tests/it/common`.
 
 use std::process::Stdio;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// A secret long enough for the server's minimum (32 bytes).
@@ -628,48 +626,26 @@ async fn a_changed_key_file_is_reloaded() {
 
 /// An `agentcast serve` child whose log lines are collected.
 struct Child {
-    child: tokio::process::Child,
+    serve: ServeChild,
     addr: std::net::SocketAddr,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Child {
+    /// `agentcast serve` with these flags, and RUST_LOG as the server's default (`info`) unless
+    /// `env` sets it.
     async fn serve(args: &[&str], env: &[(&str, &str)]) -> Child {
-        use tokio::io::AsyncBufReadExt;
-        let addr = free_local_addr();
-        let addr_text = addr.to_string();
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentcast"));
-        cmd.args(["serve", "--bind", addr_text.as_str()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .env_remove("RUST_LOG");
-        for (k, _) in std::env::vars() {
-            if k.starts_with("AGENTCAST_") {
-                cmd.env_remove(k);
-            }
-        }
+        let mut cmd = serve_command(args);
+        cmd.env_remove("RUST_LOG");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawning agentcast serve");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        wait_until_healthy(&mut child, addr).await;
-        Child { child, addr, log }
+        let serve = ServeChild::spawn(cmd).await;
+        let addr = serve.addr;
+        Child { serve, addr }
     }
 
     fn lines(&self) -> Vec<String> {
-        self.log.lock().expect("log lock").clone()
+        self.serve.lines()
     }
 
     /// Waits (bounded) for a log line containing all of `words`.
@@ -693,7 +669,7 @@ impl Child {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("child pid");
+        let pid = self.serve.pid();
         let status = std::process::Command::new("kill")
             .args([&format!("-{sig}"), &pid.to_string()])
             .status()
@@ -1052,18 +1028,6 @@ async fn a_full_server_refuses_new_connections_quickly() {
 
 // ---------------------------------------------------------------------------------------------
 // Oversized requests: a clear answer, and no ERROR line per request
-
-/// Sends raw bytes on a new connection and reads the answer (head and body), if any.
-async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> Option<HttpResponse> {
-    use tokio::io::AsyncWriteExt;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    // The server may answer and close before it has read everything: a failed write is fine.
-    let _ = stream.write_all(bytes).await;
-    match tokio::time::timeout(TIMEOUT, read_http_response(&mut stream)).await {
-        Ok(r) => r.ok(),
-        Err(_) => panic!("no answer within {TIMEOUT:?}"),
-    }
-}
 
 fn get_with(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");

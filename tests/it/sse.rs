@@ -2,9 +2,7 @@
 //! SSE client over a plain TcpStream (HTTP/1.1 chunked transfer encoding decoded by hand), and
 //! compared with what a WebSocket tab of the same user receives.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// A run of exactly six events: started, thinking, partial, executing, completed, completed.

@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::{bearer, find, get_response_head, HttpResponse, TIMEOUT};
+use super::raw::find;
+use super::{bearer, get_response_head, HttpResponse, TIMEOUT};
 
 /// One SSE block (the text between blank lines).
 #[derive(Debug, Clone)]

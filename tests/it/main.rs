@@ -1,0 +1,21 @@
+//! The integration tests, as one test binary: each module was its own binary before, and each
+//! recompiled `common`. Run one area with a filter, e.g. `cargo test --test it sse::`.
+
+mod common;
+
+mod abuse;
+mod auth;
+mod connect;
+mod docs;
+mod drain;
+mod faults;
+mod frames;
+mod http_api;
+mod isolation;
+mod limits;
+mod liveness;
+mod metrics;
+mod resume;
+mod runs;
+mod slow_consumer;
+mod sse;
