@@ -18,7 +18,7 @@
 #   cd fuzz && RUST_BACKTRACE=1 cargo +nightly fuzz run -O -a <target> regressions/<target>/<file>
 # to shrink it: cargo +nightly fuzz tmin -O -a <target> regressions/<target>/<file>
 # and to see it as bytes: cargo +nightly fuzz fmt <target> regressions/<target>/<file>
-# Then add a regression test to the crate that owns the code (or to tests/properties.rs).
+# Then add a regression test to the crate that owns the code (or to tests/it/properties.rs).
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 

@@ -28,6 +28,12 @@ fi
 
 echo "== $(cargo --version), node $(node --version), $(/usr/bin/chromium --version 2>/dev/null), $(nproc) cores"
 
+echo "== format and lint (cargo fmt --check, cargo clippy -D warnings)"
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+cargo fmt --all --check || { echo "FAIL: cargo fmt would change files: run cargo fmt --all" >&2; exit 1; }
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 echo "== unit, doc and integration tests"
 cargo test --workspace --locked
 

@@ -1,9 +1,7 @@
 //! `GET /v1/info`: answered without a token, it tells a client the protocol version, whether
 //! the server is in dev mode (so whether `POST /v1/dev/token` exists) and the server's version.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 fn dev_config() -> agentcast::Config {
