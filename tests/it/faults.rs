@@ -58,6 +58,31 @@ fn sleep_run(ms: u64, tail: &str) -> Value {
     scripted(json!([{"tool":"sleep","args":{"ms":ms}}, {"text": tail}]))
 }
 
+/// How long a run that must still be going during a test's other steps sleeps: those steps
+/// take milliseconds, so 3 s is a wide margin, and [`assert_still_running`] checks it held
+/// (so a slow machine fails the test instead of letting it pass without testing anything).
+const IN_FLIGHT_MS: u64 = 3000;
+
+/// `GET /v1/runs/{id}` as `user`: the run has not ended yet.
+async fn assert_still_running(server: &agentcast::RunningServer, user: &str, run: &str) {
+    let auth = bearer(server, user);
+    let (status, body) = http(
+        server.addr(),
+        "GET",
+        &format!("/v1/runs/{run}"),
+        &[("Authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let view: Value = serde_json::from_str(&body).expect("run view is JSON");
+    assert_eq!(
+        view["status"], "running",
+        "the run meant to be in flight had already ended: the machine is too slow for \
+         IN_FLIGHT_MS, nothing was tested"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -266,7 +291,9 @@ async fn scripted_panic_step_fails_only_that_run() {
     let mut u2 = Client::connect(&server, "u").await;
     let mut v = Client::connect(&server, "v").await;
 
-    let run_v = v.start_run("scripted", sleep_run(800, "v done")).await;
+    let run_v = v
+        .start_run("scripted", sleep_run(IN_FLIGHT_MS, "v done"))
+        .await;
     let v_head = read_until_event(&mut v, &run_v, "tool_executing").await;
 
     let run = u
@@ -293,6 +320,7 @@ async fn scripted_panic_step_fails_only_that_run() {
         events,
         "the other tab saw the same"
     );
+    assert_still_running(&server, "v", &run_v).await;
 
     let mut ve = of_run(&v_head, &run_v);
     ve.extend(v.collect_run(&run_v).await);
@@ -419,7 +447,9 @@ async fn cancel_other_users_run_unknown_run_and_ended_run() {
     let mut u = Client::connect(&server, "u").await;
     let mut v = Client::connect(&server, "v").await;
 
-    let run = u.start_run("scripted", sleep_run(500, "done")).await;
+    let run = u
+        .start_run("scripted", sleep_run(IN_FLIGHT_MS, "done"))
+        .await;
     let u_head = read_until_event(&mut u, &run, "tool_executing").await;
     let err = v.request(json!({"type":"cancel_run","run_id":run})).await;
     assert_error_frame(&err, "run_not_found");
@@ -431,6 +461,7 @@ async fn cancel_other_users_run_unknown_run_and_ended_run() {
         .request(json!({"type":"cancel_run","run_id":"run_AAAAAAAAAAAAAAAAAAAAAA"}))
         .await;
     assert_error_frame(&err, "run_not_found");
+    assert_still_running(&server, "u", &run).await;
 
     let mut events = of_run(&u_head, &run);
     events.extend(u.collect_run(&run).await);
