@@ -4,6 +4,7 @@
 //! [`Frame`] exactly once (`encode`), and that frame's bytes are shared by the replay buffer
 //! and every connection of the user.
 
+use std::fmt::Write;
 use std::time::SystemTime;
 
 use bytestring::ByteString;
@@ -123,18 +124,104 @@ pub struct Frame {
     pub emitted: SystemTime,
 }
 
+/// Everything of the wire frame after `seq`, in wire order.
 #[derive(Serialize)]
-struct Wire<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    seq: u64,
+struct WireTail<'a> {
     run_id: &'a str,
     thread_id: Option<&'a str>,
     ts: String,
     data: &'a EventData,
 }
 
-/// Encodes an event for the wire. Called once per event, by the registry.
+/// An encoded event still waiting for its `seq`: what a shared event log (section 10)
+/// numbers and stores. `number` makes the frame without encoding anything again.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub kind: &'static str,
+    pub run_id: crate::ids::RunId,
+    /// The frame's JSON from the field after `seq` on: `{"run_id":...}`.
+    pub tail: String,
+    pub emitted: SystemTime,
+}
+
+impl Draft {
+    /// Encodes an event for the wire, all but its `seq`. Called once per event.
+    pub fn new(
+        run_id: &crate::ids::RunId,
+        thread_id: Option<&str>,
+        at: SystemTime,
+        data: &EventData,
+    ) -> Draft {
+        let wire = WireTail {
+            run_id,
+            thread_id,
+            ts: humantime::format_rfc3339_micros(at).to_string(),
+            data,
+        };
+        // Serialising these types cannot fail: every map key is a string and no Serialize impl errors.
+        let tail = serde_json::to_string(&wire).unwrap_or_else(|e| {
+            log::error!("encoding an event of {run_id} failed: {e}");
+            format!(
+                "{{\"run_id\":{}}}",
+                serde_json::Value::from(run_id.as_ref())
+            )
+        });
+        Draft {
+            kind: data.kind(),
+            run_id: run_id.clone(),
+            tail,
+            emitted: at,
+        }
+    }
+
+    /// The frame with this `seq`: `{"type":..,"seq":..,` and the tail.
+    pub fn number(&self, seq: u64) -> Frame {
+        Frame::assemble(
+            seq,
+            self.kind,
+            self.run_id.clone(),
+            &self.tail,
+            self.emitted,
+        )
+    }
+}
+
+impl Frame {
+    /// A frame from its parts (a draft's, or a shared log's entry).
+    pub fn assemble(
+        seq: u64,
+        kind: &'static str,
+        run_id: crate::ids::RunId,
+        tail: &str,
+        emitted: SystemTime,
+    ) -> Frame {
+        let body = tail.strip_prefix('{').unwrap_or(tail);
+        let mut text = String::with_capacity(body.len() + kind.len() + 32);
+        text.push_str("{\"type\":\"");
+        text.push_str(kind);
+        text.push_str("\",\"seq\":");
+        let _ = write!(text, "{seq},");
+        text.push_str(body);
+        Frame {
+            seq,
+            kind,
+            run_id,
+            text: ByteString::from(text),
+            emitted,
+        }
+    }
+
+    /// The frame's JSON after `"seq":N,` (what [`Frame::assemble`] takes back).
+    pub fn tail(&self) -> &str {
+        let text: &str = &self.text;
+        text.find("\"seq\":")
+            .map(|at| at + 6)
+            .and_then(|at| text[at..].find(',').map(|comma| &text[at + comma + 1..]))
+            .unwrap_or(text)
+    }
+}
+
+/// Encodes an event for the wire, `seq` included.
 pub fn encode(
     seq: u64,
     run_id: &crate::ids::RunId,
@@ -142,26 +229,7 @@ pub fn encode(
     at: SystemTime,
     data: &EventData,
 ) -> Frame {
-    let wire = Wire {
-        kind: data.kind(),
-        seq,
-        run_id,
-        thread_id,
-        ts: humantime::format_rfc3339_micros(at).to_string(),
-        data,
-    };
-    // Serialising these types cannot fail: every map key is a string and no Serialize impl errors.
-    let text = serde_json::to_string(&wire).unwrap_or_else(|e| {
-        log::error!("encoding event {seq} of {run_id} failed: {e}");
-        String::from("{}")
-    });
-    Frame {
-        seq,
-        kind: data.kind(),
-        run_id: run_id.clone(),
-        text: ByteString::from(text),
-        emitted: at,
-    }
+    Draft::new(run_id, thread_id, at, data).number(seq)
 }
 
 #[cfg(test)]
@@ -185,6 +253,26 @@ mod tests {
                    "ts":"2023-11-14T22:13:20.123456Z",
                    "data":{"tool_call_id":"tc_1","tool":"calculator","args":{"expr":"2+2"}}})
         );
+    }
+
+    #[test]
+    fn a_frame_rebuilt_from_its_tail_is_the_same_frame() {
+        let data = EventData::AgentThinking {
+            text: "seq\":1, {braces}".into(),
+        };
+        let frame = encode(7, &"run_y".into(), Some("th"), SystemTime::now(), &data);
+        let again = Frame::assemble(7, frame.kind, "run_y".into(), frame.tail(), frame.emitted);
+        assert_eq!(frame.text, again.text);
+        let later = Frame::assemble(
+            1234,
+            frame.kind,
+            "run_y".into(),
+            frame.tail(),
+            frame.emitted,
+        );
+        let v: Value = serde_json::from_str(&later.text).unwrap();
+        assert_eq!(v["seq"], 1234);
+        assert_eq!(v["data"]["text"], "seq\":1, {braces}");
     }
 
     #[test]

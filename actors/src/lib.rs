@@ -16,7 +16,6 @@ pub mod catalog;
 pub mod emitter;
 pub mod event;
 pub mod executor;
-pub mod fanout;
 pub mod frame_limit;
 pub mod ids;
 pub mod ledger;

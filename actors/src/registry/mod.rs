@@ -1,21 +1,26 @@
-//! `ConnectionRegistry`: the in-process router. The one place that knows which sessions
-//! belong to which user, numbers each user's run events (`seq`), checks them against their
-//! run's ledger, encodes each once, keeps it in the user's replay log and hands the same bytes
-//! to every connection of the owner.
+//! `ConnectionRegistry`: the router. The one actor that knows which sessions belong to which
+//! user, checks each run event against its run's ledger, has it numbered (`seq`) and encoded
+//! once by the event log, and hands the same bytes to every connection of the owner.
 //!
 //! Being one actor is what makes the ordering guarantees simple: a session that joins (with
 //! or without a resume) is answered and added in one step, so it receives every event after
 //! the `last_seq` it was told, exactly once, in order.
 //!
-//! Memory is bounded by bytes: each user's log by `--replay-user-max-bytes` (and a count),
-//! all logs together by `--replay-max-bytes` (idle users' histories go first). Run records
-//! hold no events of their own: `GET /v1/runs/{id}` reads them from the user's log. Sessions
-//! are fed as `fanout` describes; when appending an event would evict one that a session still
-//! catching up needs, the event is *held* (in order, behind any other held event of the user)
-//! and the user's [`EmitGate`] closes, so agents wait rather than outrun a reading tab. A tab
-//! that stops reading is cut off within `fanout::STALL_LIMIT` and holds no one back after.
+//! Its state is in parts with one job each:
+//! - [`event_log`]: the [`EventLog`] seam and each user's [`UserLog`], bounded by count, age and
+//!   bytes (per user and over all users, idle users' histories first);
+//! - [`fanout`] and [`users`]: each user's sessions, fed live or, once behind, from the log;
+//!   a tab that stops reading is cut off within `fanout::STALL_LIMIT`. When appending an event
+//!   would evict one a session still catching up needs, the event is *held* and the user's
+//!   [`EmitGate`] closes, so agents wait rather than outrun a reading tab;
+//! - [`runs`]: the run table, ledgers, limits and sweeping.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+pub mod event_log;
+pub mod fanout;
+pub mod runs;
+pub mod users;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -25,15 +30,17 @@ use serde_json::Value;
 
 use crate::catalog::Catalog;
 use crate::emitter::{EmitGate, Emitter};
-use crate::event::{encode, ErrorBody, EventData, Frame, RunStatus};
-use crate::fanout::{Offer, Pump, SessionLink};
-use crate::ids::{new_run_id, random_id, RunId, UserId};
-use crate::ledger::RunLedger;
+use crate::event::{Draft, ErrorBody, EventData, Frame, RunStatus};
+use crate::ids::{new_run_id, RunId, UserId};
 use crate::metrics::Metrics;
 use crate::rate::TokenBucket;
-use crate::replay::{Change, Gap, ReplayBuffer};
 use crate::router::*;
-use crate::run::{AgentRunActor, Cancel, CancelReason};
+use crate::run::{AgentRunActor, CancelReason};
+
+use self::event_log::{EventLog, LogBudget, LogBytes, MemoryLog};
+use self::fanout::SessionLink;
+use self::runs::{NotAdmitted, RunTable};
+use self::users::UserEntry;
 
 /// Limits the registry enforces.
 #[derive(Debug, Clone)]
@@ -71,98 +78,35 @@ impl Default for RegistrySettings {
     }
 }
 
+impl RegistrySettings {
+    fn budget(&self) -> LogBudget {
+        LogBudget {
+            capacity: self.replay_capacity,
+            max_age: self.replay_ttl,
+            user_max_bytes: self.replay_user_max_bytes,
+            max_bytes: self.replay_max_bytes,
+        }
+    }
+}
+
 /// Events waiting in the registry's mailbox before emitters have to wait.
 const MAILBOX: usize = 4096;
 /// How often sessions that fell behind are offered the frames they missed.
 const CATCH_UP_TICK: Duration = Duration::from_millis(2);
 /// Run views (`GET /v1/runs/{id}`) one user may have being sent at once.
 const INSPECTS_PER_USER: usize = 4;
-/// A run whose actor has stopped is only taken for lost if its `agent_completed` has still
-/// not been handled this long after: the actor sends it just before stopping, and a busy
-/// mailbox can hold it for a while.
-const LOST_RUN_GRACE: Duration = Duration::from_secs(5);
-
-struct UserEntry {
-    epoch: Arc<str>,
-    /// The newest `seq` in the log (what `welcome.last_seq` says).
-    last_seq: u64,
-    /// The newest `seq` given out: above `last_seq` while events are held.
-    assigned_seq: u64,
-    log: ReplayBuffer,
-    /// Events sequenced and encoded, waiting for room in the log.
-    held: VecDeque<Frame>,
-    gate: Arc<EmitGate>,
-    sessions: Vec<SessionLink>,
-    /// Sessions cut off as slow consumers that have not gone yet: they still count against
-    /// the user's connection limit.
-    cut: HashSet<u64>,
-    running: usize,
-    inspecting: usize,
-    /// Since when the user has had no session and no running run.
-    idle_since: Option<Instant>,
-    run_starts: TokenBucket,
-}
-
-impl UserEntry {
-    fn touch_idle(&mut self, now: Instant) {
-        if self.sessions.is_empty() && self.cut.is_empty() && self.running == 0 {
-            self.idle_since.get_or_insert(now);
-        } else {
-            self.idle_since = None;
-        }
-    }
-
-    fn check_resume(&self, after_seq: u64, upto: u64, epoch: Option<&str>) -> Result<(), Gap> {
-        if epoch.is_some_and(|e| e != &*self.epoch) {
-            return Err(self.log.gap(self.last_seq));
-        }
-        self.log.check(after_seq, upto, self.last_seq)
-    }
-
-    /// Whether `frame` can be appended without evicting an event a session still needs.
-    fn has_room_for(&self, frame: &Frame) -> bool {
-        let evict = self.log.evictions_for(frame) as u64;
-        if evict == 0 {
-            return true;
-        }
-        let Some(oldest) = self.log.oldest_seq() else {
-            return true;
-        };
-        let needed = self
-            .sessions
-            .iter()
-            .filter_map(SessionLink::needs_from)
-            .min();
-        needed.is_none_or(|needed| oldest + evict - 1 < needed)
-    }
-}
-
-struct RunRecord {
-    user: UserId,
-    agent: String,
-    thread_id: Option<Arc<str>>,
-    actor: Addr<AgentRunActor>,
-    ledger: RunLedger,
-    started_at: SystemTime,
-    /// When and how it ended.
-    ended: Option<(Instant, SystemTime, RunStatus)>,
-    /// Its first and latest `seq`: its events are the frames of this run between them in the
-    /// user's log.
-    seqs: Option<(u64, u64)>,
-    /// Since when its actor has been seen stopped while the run had not ended.
-    stopped_since: Option<Instant>,
-}
 
 pub struct ConnectionRegistry {
     settings: RegistrySettings,
+    budget: LogBudget,
     metrics: Arc<Metrics>,
     catalog: Arc<Catalog>,
     agents: ArbiterHandle,
+    log: Box<dyn EventLog>,
     users: HashMap<UserId, UserEntry>,
-    runs: HashMap<RunId, RunRecord>,
-    running: usize,
+    runs: RunTable,
     /// Bytes in all users' logs.
-    replay_bytes: usize,
+    log_bytes: LogBytes,
     /// Slow consumers in their grace period, by session key.
     cut: HashMap<u64, ResetHandle>,
     /// Users with a session fed from the log, and whether a catch-up is scheduled.
@@ -175,7 +119,8 @@ pub struct ConnectionRegistry {
 }
 
 impl ConnectionRegistry {
-    /// `agents` is the arbiter agent runs are started on.
+    /// `agents` is the arbiter agent runs are started on. Events are kept in the process
+    /// ([`MemoryLog`]).
     pub fn new(
         settings: RegistrySettings,
         metrics: Arc<Metrics>,
@@ -183,14 +128,15 @@ impl ConnectionRegistry {
         agents: ArbiterHandle,
     ) -> Self {
         ConnectionRegistry {
+            budget: settings.budget(),
             settings,
             metrics,
             catalog,
             agents,
+            log: Box::new(MemoryLog),
             users: HashMap::new(),
-            runs: HashMap::new(),
-            running: 0,
-            replay_bytes: 0,
+            runs: RunTable::default(),
+            log_bytes: LogBytes::default(),
             cut: HashMap::new(),
             behind_users: Default::default(),
             catch_up_scheduled: false,
@@ -201,44 +147,20 @@ impl ConnectionRegistry {
     }
 
     fn user_entry(&mut self, user: &UserId) -> &mut UserEntry {
-        let settings = &self.settings;
-        self.users.entry(user.clone()).or_insert_with(|| UserEntry {
-            // Random: an epoch tells nothing about how many histories the server holds.
-            epoch: random_id("", 16).into(),
-            last_seq: 0,
-            assigned_seq: 0,
-            log: ReplayBuffer::new(
-                settings.replay_capacity,
-                settings.replay_user_max_bytes,
-                settings.replay_ttl,
-            ),
-            held: VecDeque::new(),
-            gate: Arc::default(),
-            sessions: Vec::new(),
-            cut: HashSet::new(),
-            running: 0,
-            inspecting: 0,
-            idle_since: None,
-            run_starts: TokenBucket::new(
-                settings.runs_per_minute,
-                settings.runs_per_minute as f64 / 60.0,
-                Instant::now(),
-            ),
+        let (settings, budget, log) = (&self.settings, &self.budget, &mut self.log);
+        self.users.entry(user.clone()).or_insert_with(|| {
+            UserEntry::new(
+                log.open(user, budget),
+                TokenBucket::new(
+                    settings.runs_per_minute,
+                    settings.runs_per_minute as f64 / 60.0,
+                    Instant::now(),
+                ),
+            )
         })
     }
 
-    /// Accounts for a change in one user's log.
-    fn account(&mut self, change: Change, reason: &str) {
-        self.replay_bytes = self.replay_bytes + change.added - change.evicted_bytes;
-        if change.evicted > 0 {
-            self.metrics
-                .replay_evicted
-                .with_label_values(&[reason])
-                .inc_by(change.evicted as u64);
-        }
-    }
-
-    /// Sequences and encodes one admitted event of `run_id`, then appends it, or holds it
+    /// Has one admitted event of `run_id` numbered and encoded, then appends it, or holds it
     /// while appending would evict what a session catching up still needs.
     fn sequence(
         &mut self,
@@ -253,13 +175,12 @@ impl ConnectionRegistry {
             log::error!("run {run_id}: event for unknown user {user}");
             return;
         };
-        entry.assigned_seq += 1;
-        let frame = encode(entry.assigned_seq, run_id, thread_id, at, data);
+        let draft = Draft::new(run_id, thread_id, at, data);
         self.metrics.emitted(data).inc();
-        if let Some(run) = self.runs.get_mut(run_id) {
-            let first = run.seqs.map_or(frame.seq, |(first, _)| first);
-            run.seqs = Some((first, frame.seq));
-        }
+        let Some(frame) = self.log.append(user, &mut entry.log, draft) else {
+            return;
+        };
+        self.runs.note_seq(run_id, frame.seq);
         if entry.held.is_empty() && entry.has_room_for(&frame) {
             self.append(user, frame, ctx);
         } else {
@@ -274,35 +195,25 @@ impl ConnectionRegistry {
 
     /// Appends a frame to the user's log and offers it to every live session.
     fn append(&mut self, user: &UserId, frame: Frame, ctx: &mut Context<Self>) {
-        let now = Instant::now();
         let Some(entry) = self.users.get_mut(user) else {
             return;
         };
-        entry.last_seq = frame.seq;
-        let change = entry.log.push(frame.clone(), now);
-        let mut delivered = 0;
-        let mut fell_behind = false;
-        entry
-            .sessions
-            .retain_mut(|s| match s.offer_live(&frame, now) {
-                (Offer::Sent, counted) => {
-                    delivered += counted as u64;
-                    true
-                }
-                (Offer::Full, _) => {
-                    fell_behind = true;
-                    true
-                }
-                (Offer::Gone, _) => false,
-            });
-        self.metrics.delivered(frame.kind).inc_by(delivered);
-        self.account(change, "user_limit");
-        if fell_behind {
+        let kind = frame.kind;
+        let appended = entry.append(frame, Instant::now());
+        self.metrics.delivered(kind).inc_by(appended.delivered);
+        self.log_bytes
+            .account(appended.change, "user_limit", &self.metrics);
+        if appended.fell_behind {
             self.behind_users.insert(user.clone());
             self.schedule_catch_up(ctx);
         }
-        if self.replay_bytes > self.settings.replay_max_bytes {
-            self.enforce_global_budget(user);
+        if self.log_bytes.total > self.budget.max_bytes {
+            let logs = self
+                .users
+                .iter_mut()
+                .map(|(id, e)| (id, &mut e.log, e.idle_since));
+            self.log_bytes
+                .enforce(self.budget.max_bytes, user, logs, &self.metrics);
         }
     }
 
@@ -323,47 +234,6 @@ impl ConnectionRegistry {
             if let Some(frame) = entry.held.pop_front() {
                 self.append(user, frame, ctx);
             }
-        }
-    }
-
-    /// Over `--replay-max-bytes`: idle users' histories go first, the longest idle first; then
-    /// the oldest events of whoever holds the most (sessions that still needed them are cut
-    /// off at their next feed and resume with `resume_gap`).
-    fn enforce_global_budget(&mut self, appending: &UserId) {
-        // Down to 15/16 of the budget, so that a server at its budget does not scan every
-        // user at every append.
-        let max = self.settings.replay_max_bytes - self.settings.replay_max_bytes / 16;
-        let mut idle: Vec<(Instant, UserId)> = self
-            .users
-            .iter()
-            .filter(|(id, e)| *id != appending && !e.log.is_empty())
-            .filter_map(|(id, e)| e.idle_since.map(|since| (since, id.clone())))
-            .collect();
-        idle.sort();
-        for (_, id) in idle {
-            if self.replay_bytes <= max {
-                return;
-            }
-            if let Some(entry) = self.users.get_mut(&id) {
-                let change = entry.log.clear();
-                log::info!(
-                    "replay budget: forgot {} events of idle user {id}",
-                    change.evicted
-                );
-                self.account(change, "global_bytes");
-            }
-        }
-        while self.replay_bytes > max {
-            let Some((_, entry)) = self
-                .users
-                .iter_mut()
-                .filter(|(_, e)| e.log.len() > 1)
-                .max_by_key(|(_, e)| e.log.bytes())
-            else {
-                return;
-            };
-            let change = entry.log.evict_oldest(1);
-            self.account(change, "global_bytes");
         }
     }
 
@@ -390,34 +260,15 @@ impl ConnectionRegistry {
     }
 
     fn catch_up_user(&mut self, user: &UserId, now: Instant, ctx: &mut Context<Self>) {
-        let metrics = self.metrics.clone();
         let Some(entry) = self.users.get_mut(user) else {
             return;
         };
-        let mut cut = Vec::new();
-        let mut kept = Vec::with_capacity(entry.sessions.len());
-        for mut s in entry.sessions.drain(..) {
-            if !s.has_work() {
-                kept.push(s);
-                continue;
-            }
-            match s.pump(&entry.log, entry.last_seq, &metrics) {
-                Pump::Done => kept.push(s),
-                Pump::Gone => {}
-                Pump::FellOut => cut.push(s),
-                Pump::Waiting if s.stalled(now) => cut.push(s),
-                Pump::Waiting => kept.push(s),
-            }
-        }
-        entry.sessions = kept;
-        for s in cut {
+        for s in entry.pump(now, &self.metrics) {
             self.cut_off(user, s, ctx);
         }
         self.release_held(user, ctx);
-        if let Some(entry) = self.users.get(user) {
-            if entry.sessions.iter().any(SessionLink::has_work) {
-                self.behind_users.insert(user.clone());
-            }
+        if self.users.get(user).is_some_and(UserEntry::has_work) {
+            self.behind_users.insert(user.clone());
         }
     }
 
@@ -442,42 +293,24 @@ impl ConnectionRegistry {
         }
     }
 
-    fn cancel_running(&mut self) {
-        for run in self.runs.values().filter(|r| r.ended.is_none()) {
-            run.actor.do_send(Cancel(CancelReason::Shutdown));
-        }
-    }
-
     /// At a stop: every held event is appended (no one is waiting for room any more), every
     /// session gets what it is owed and then close 1001.
     fn close_all_sessions(&mut self) {
-        let mut changes = Vec::new();
+        let now = Instant::now();
         for entry in self.users.values_mut() {
-            let now = Instant::now();
             while let Some(frame) = entry.held.pop_front() {
-                entry.last_seq = frame.seq;
-                for s in &mut entry.sessions {
-                    s.offer_live(&frame, now);
-                }
-                changes.push(entry.log.push(frame, now));
+                let appended = entry.append(frame, now);
+                self.log_bytes
+                    .account(appended.change, "user_limit", &self.metrics);
             }
             entry.gate.open();
-            for s in &mut entry.sessions {
-                s.flush_and_close(
-                    &entry.log,
-                    entry.last_seq,
-                    Push::Close(Goodbye::ServerShutdown),
-                );
-            }
-        }
-        for change in changes {
-            self.account(change, "user_limit");
+            entry.flush_and_close(|| Push::Close(Goodbye::ServerShutdown));
         }
     }
 
     fn maybe_finish_shutdown(&mut self) {
         if self.shutting_down
-            && (self.running == 0 || self.stop_now)
+            && (self.runs.running == 0 || self.stop_now)
             && !self.shutdown_waiters.is_empty()
         {
             self.close_all_sessions();
@@ -494,7 +327,7 @@ impl ConnectionRegistry {
         let ttl = self.settings.replay_ttl;
         let mut changes = Vec::new();
         for entry in self.users.values_mut() {
-            changes.push((entry.log.prune(now), "age"));
+            changes.push((entry.log.frames.prune(now), "age"));
             entry.sessions.retain(SessionLink::connected);
             entry.touch_idle(now);
         }
@@ -503,28 +336,14 @@ impl ConnectionRegistry {
                 .idle_since
                 .is_none_or(|since| now.duration_since(since) < ttl);
             if !keep {
-                changes.push((e.log.clear(), "age"));
+                changes.push((e.log.frames.clear(), "age"));
             }
             keep
         });
         for (change, reason) in changes {
-            self.account(change, reason);
+            self.log_bytes.account(change, reason, &self.metrics);
         }
-        self.runs.retain(|_, r| {
-            r.ended
-                .is_none_or(|(at, _, _)| now.duration_since(at) < ttl)
-        });
-        let mut vanished: Vec<(RunId, UserId)> = Vec::new();
-        for (id, r) in self.runs.iter_mut() {
-            if r.ended.is_some() || r.actor.connected() {
-                continue;
-            }
-            let since = *r.stopped_since.get_or_insert(now);
-            if now.duration_since(since) >= LOST_RUN_GRACE {
-                vanished.push((id.clone(), r.user.clone()));
-            }
-        }
-        for (run_id, user) in vanished {
+        for (run_id, user) in self.runs.sweep(now, ttl) {
             log::error!("run {run_id} of user {user}: its actor stopped without ending the run");
             let end = Emit {
                 user,
@@ -559,57 +378,40 @@ impl Handler<Emit> for ConnectionRegistry {
 
     fn handle(&mut self, msg: Emit, ctx: &mut Context<Self>) {
         let now = Instant::now();
-        let Some(run) = self.runs.get_mut(&msg.run_id) else {
-            log::debug!(
-                "event {} for unknown run {} dropped",
-                msg.data.kind(),
-                msg.run_id
-            );
-            self.metrics.events_refused.inc();
-            return;
-        };
-        if run.user != msg.user {
-            log::error!(
-                "run {}: emitter of user {} does not own it; event dropped",
-                msg.run_id,
-                msg.user
-            );
-            self.metrics.events_refused.inc();
-            return;
-        }
-        let closing = match run.ledger.admit(&msg.data, now) {
-            Ok(closing) => closing,
+        let admitted = match self.runs.admit(&msg, now) {
+            Ok(admitted) => admitted,
             Err(why) => {
-                log::debug!("run {}: {} dropped ({why:?})", msg.run_id, msg.data.kind());
+                match why {
+                    NotAdmitted::UnknownRun => log::debug!(
+                        "event {} for unknown run {} dropped",
+                        msg.data.kind(),
+                        msg.run_id
+                    ),
+                    NotAdmitted::WrongUser => log::error!(
+                        "run {}: emitter of user {} does not own it; event dropped",
+                        msg.run_id,
+                        msg.user
+                    ),
+                    NotAdmitted::Ledger(why) => {
+                        log::debug!("run {}: {} dropped ({why:?})", msg.run_id, msg.data.kind())
+                    }
+                }
                 self.metrics.events_refused.inc();
                 return;
             }
         };
-        let ended = match &msg.data {
-            EventData::AgentCompleted { status, .. } => Some(*status),
-            _ => None,
-        };
-        if let Some(status) = ended {
-            run.ended = Some((now, msg.at, status));
-        }
-        if let EventData::AgentStarted { .. } = msg.data {
-            // The run's start is its first event, not when the registry got round to noting it.
-            run.started_at = msg.at;
-        }
-        let thread_id = run.thread_id.clone();
-        for data in closing.iter().chain(std::iter::once(&msg.data)) {
+        for data in admitted.closing.iter().chain(std::iter::once(&msg.data)) {
             self.sequence(
                 &msg.user,
                 &msg.run_id,
-                thread_id.as_deref(),
+                admitted.thread_id.as_deref(),
                 msg.at,
                 data,
                 ctx,
             );
         }
-        if let Some(status) = ended {
+        if let Some(status) = admitted.ended {
             self.metrics.run_ended(status.as_str());
-            self.running = self.running.saturating_sub(1);
             if let Some(entry) = self.users.get_mut(&msg.user) {
                 entry.running = entry.running.saturating_sub(1);
                 entry.touch_idle(now);
@@ -635,12 +437,15 @@ impl Handler<Connect> for ConnectionRegistry {
             return MessageResult(Err(ConnectRefused::TooManyConnections(limit)));
         }
         let mut link = SessionLink::new(msg.key, msg.push, msg.shared, msg.reset, now);
+        let last_seq = entry.log.last_seq;
         let resume = msg.resume.as_ref().map(|r| {
-            entry.check_resume(r.after_seq, entry.last_seq, r.epoch.as_deref())?;
+            entry
+                .log
+                .check_resume(r.after_seq, last_seq, r.epoch.as_deref())?;
             link.start_replay(
                 ResumedNote {
                     from_seq: r.after_seq + 1,
-                    to_seq: entry.last_seq,
+                    to_seq: last_seq,
                     request_id: None,
                 },
                 now,
@@ -654,8 +459,8 @@ impl Handler<Connect> for ConnectionRegistry {
         }
         if shutting_down {
             link.flush_and_close(
-                &entry.log,
-                entry.last_seq,
+                &entry.log.frames,
+                last_seq,
                 Push::Close(Goodbye::ServerShutdown),
             );
         }
@@ -663,8 +468,8 @@ impl Handler<Connect> for ConnectionRegistry {
         entry.sessions.push(link);
         entry.idle_since = None;
         let connected = Connected {
-            epoch: entry.epoch.clone(),
-            last_seq: entry.last_seq,
+            epoch: entry.log.epoch.clone(),
+            last_seq,
             resume,
         };
         if catching_up {
@@ -697,11 +502,14 @@ impl Handler<Resume> for ConnectionRegistry {
         let now = Instant::now();
         let metrics = self.metrics.clone();
         let entry = self.user_entry(&msg.user);
-        if let Err(gap) = entry.check_resume(msg.after_seq, msg.upto, msg.epoch.as_deref()) {
+        if let Err(gap) = entry
+            .log
+            .check_resume(msg.after_seq, msg.upto, msg.epoch.as_deref())
+        {
             metrics.resume_gaps.inc();
             return Err(ResumeRefused::Gap(gap));
         }
-        let upto = msg.upto.min(entry.last_seq).max(msg.after_seq);
+        let upto = msg.upto.min(entry.log.last_seq).max(msg.after_seq);
         let note = ResumedNote {
             from_seq: msg.after_seq + 1,
             to_seq: upto,
@@ -749,8 +557,7 @@ impl Handler<StartRun> for ConnectionRegistry {
         }
         entry.running += 1;
         entry.idle_since = None;
-        let gate = entry.gate.clone();
-        self.running += 1;
+        let gate: Arc<EmitGate> = entry.gate.clone();
 
         let run_id = new_run_id();
         let emitter = Emitter::new(
@@ -766,20 +573,8 @@ impl Handler<StartRun> for ConnectionRegistry {
         });
         log::debug!("run {run_id} of user {}: started ({})", msg.user, msg.agent);
         self.metrics.runs_started.inc();
-        self.runs.insert(
-            run_id.clone(),
-            RunRecord {
-                user: msg.user,
-                agent: msg.agent,
-                thread_id: msg.thread_id.map(Arc::from),
-                actor,
-                ledger: RunLedger::default(),
-                started_at: SystemTime::now(),
-                ended: None,
-                seqs: None,
-                stopped_since: None,
-            },
-        );
+        self.runs
+            .insert(run_id.clone(), msg.user, msg.agent, msg.thread_id, actor);
         MessageResult(Ok(run_id))
     }
 }
@@ -788,20 +583,7 @@ impl Handler<CancelRun> for ConnectionRegistry {
     type Result = Result<(), RunNotFound>;
 
     fn handle(&mut self, msg: CancelRun, _: &mut Context<Self>) -> Self::Result {
-        match self.runs.get(msg.run_id.as_str()) {
-            Some(run) if run.user == msg.user => {
-                if run.ended.is_none() {
-                    log::debug!(
-                        "run {} of user {}: cancelled by its user",
-                        msg.run_id,
-                        msg.user
-                    );
-                    run.actor.do_send(Cancel(CancelReason::Requested));
-                }
-                Ok(())
-            }
-            _ => Err(RunNotFound),
-        }
+        self.runs.cancel(&msg.user, &msg.run_id).ok_or(RunNotFound)
     }
 }
 
@@ -815,18 +597,21 @@ impl Handler<Shutdown> for ConnectionRegistry {
             self.shutting_down = true;
             log::info!(
                 "draining: {} runs running, {} s for them to finish",
-                self.running,
+                self.runs.running,
                 msg.drain.as_secs_f64()
             );
             ctx.run_later(msg.drain, |act, ctx| {
-                if act.running > 0 {
-                    log::info!("drain time is up: cancelling {} runs", act.running);
-                    act.cancel_running();
+                if act.runs.running > 0 {
+                    log::info!("drain time is up: cancelling {} runs", act.runs.running);
+                    act.runs.cancel_running(CancelReason::Shutdown);
                 }
                 // Runs whose end never arrives must not hold the server up forever.
                 ctx.run_later(act.settings.shutdown_wait, |act, _| {
                     if !act.shutdown_waiters.is_empty() {
-                        log::warn!("stopping: {} runs did not report their end", act.running);
+                        log::warn!(
+                            "stopping: {} runs did not report their end",
+                            act.runs.running
+                        );
                         act.stop_now = true;
                         act.maybe_finish_shutdown();
                     }
@@ -846,24 +631,11 @@ impl Handler<InspectRun> for ConnectionRegistry {
     fn handle(&mut self, msg: InspectRun, ctx: &mut Context<Self>) -> Self::Result {
         let (run_id, run) = self
             .runs
-            .get_key_value(msg.run_id.as_str())
+            .get(&msg.run_id)
             .filter(|(_, run)| run.user == msg.user)
             .ok_or(InspectRefused::NotFound)?;
         let entry = self.users.get_mut(&msg.user);
-        let (events, truncated) = match (&entry, run.seqs) {
-            (Some(entry), Some((first, last))) => {
-                let events: Vec<Frame> = entry
-                    .log
-                    .between(first, last)
-                    .filter(|f| f.run_id == *run_id)
-                    .cloned()
-                    .collect();
-                let kept_from = entry.log.oldest_seq().unwrap_or(u64::MAX);
-                (events, kept_from > first)
-            }
-            (None, Some(_)) => (Vec::new(), true),
-            (_, None) => (Vec::new(), false),
-        };
+        let (events, truncated) = runs::events_of(run_id, run.seqs, entry.as_ref().map(|e| &e.log));
         // A user forgotten before the run's record: the view has no events left, and nothing
         // to count it against.
         if let Some(entry) = entry {
@@ -914,9 +686,9 @@ impl Handler<RefreshGauges> for ConnectionRegistry {
         }
         self.metrics.connections.set(connections);
         self.metrics.users.set(self.users.len() as i64);
-        self.metrics.runs_running.set(self.running as i64);
+        self.metrics.runs_running.set(self.runs.running as i64);
         self.metrics.queue_depth_sum.set(depth_sum as i64);
         self.metrics.queue_depth_max.set(depth_max as i64);
-        self.metrics.replay_bytes.set(self.replay_bytes as i64);
+        self.metrics.replay_bytes.set(self.log_bytes.total as i64);
     }
 }
