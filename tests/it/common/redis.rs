@@ -1,4 +1,6 @@
-//! Several nodes on one Redis (PROTOCOL.md §10): a real `redis-server` as a test fixture.
+//! Several nodes on one Redis (PROTOCOL.md §10): a real `redis-server` as a test fixture, and
+//! agentcast nodes against it, as child processes (`agentcast serve --redis-url ...`) or in
+//! this process (`agentcast::spawn`).
 //!
 //! The fixture needs Debian's `redis-server` package (scripts/test.sh installs it). Without it
 //! every test that asks for one panics saying so: a missing Redis never skips a test silently.
@@ -13,7 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::TIMEOUT;
+use serde_json::Value;
+
+use super::{http_full, now_unix, Client, HttpResponse, ServeChild, SECRET, TIMEOUT};
 
 /// The program started, looked up on PATH.
 pub const REDIS_SERVER: &str = "redis-server";
@@ -317,4 +321,160 @@ fn read_reply(r: &mut impl BufRead) -> Result<String, String> {
         }
         _ => Err(format!("bad RESP line {line:?}")),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// agentcast nodes sharing one Redis.
+
+/// How a node runs.
+pub enum NodeProcess {
+    /// `agentcast serve` as a child process (killed on drop).
+    Child(ServeChild),
+    /// `agentcast::spawn` on a thread of this process (stopped on drop).
+    InProcess(agentcast::RunningServer),
+}
+
+/// One agentcast node of a cluster. Every node verifies and signs tokens with [`SECRET`].
+pub struct Node {
+    /// `--node-id` for a child; for a node in this process a name for messages only (the
+    /// server picks its own id).
+    pub id: String,
+    pub addr: SocketAddr,
+    pub process: NodeProcess,
+}
+
+impl Node {
+    /// `agentcast serve --redis-url URL --node-id ID` plus `args`, as a child process, with
+    /// `AGENTCAST_JWT_SECRET` = [`SECRET`]; returns once it listens.
+    pub async fn spawn_child(redis_url: &str, id: &str, args: &[&str]) -> Node {
+        let mut all = vec!["--redis-url", redis_url, "--node-id", id];
+        all.extend_from_slice(args);
+        let mut cmd = super::serve_command(&all);
+        cmd.env("AGENTCAST_JWT_SECRET", SECRET);
+        let child = ServeChild::spawn(cmd).await;
+        Node {
+            id: id.to_string(),
+            addr: child.addr,
+            process: NodeProcess::Child(child),
+        }
+    }
+
+    /// `agentcast::spawn(config)` with `redis_url` set to `redis_url`; returns once it listens.
+    /// Panics when the server refuses to start.
+    pub fn start_in_process(redis_url: &str, name: &str, config: agentcast::Config) -> Node {
+        let config = agentcast::Config {
+            redis_url: Some(redis_url.to_string()),
+            ..config
+        };
+        let server = agentcast::spawn(config).unwrap_or_else(|e| {
+            panic!("agentcast::spawn of in-process node {name} with --redis-url failed: {e}")
+        });
+        Node {
+            id: name.to_string(),
+            addr: server.addr(),
+            process: NodeProcess::InProcess(server),
+        }
+    }
+
+    /// `ws://ADDR/v1/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// A token for `user`, valid for an hour: every node accepts it (all have [`SECRET`]).
+    pub fn token(&self, user: &str) -> String {
+        match &self.process {
+            NodeProcess::Child(_) => agentcast::auth::sign(SECRET, user, now_unix() + 3600),
+            NodeProcess::InProcess(server) => server.token(user),
+        }
+    }
+
+    /// Connects as `user`, checks and keeps the welcome (see [`Client::connect`]).
+    pub async fn connect(&self, user: &str) -> Client {
+        self.connect_query(user, "").await
+    }
+
+    /// Same with extra query parameters, e.g. `after_seq=3&epoch=abc`.
+    pub async fn connect_query(&self, user: &str, query: &str) -> Client {
+        Client::connect_to(&self.ws_url(), &self.token(user), user, query).await
+    }
+
+    /// One HTTP request, as `user` (Bearer token) when given; panics after TIMEOUT.
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        user: Option<&str>,
+        body: &Value,
+    ) -> HttpResponse {
+        let auth = user.map(|u| format!("Bearer {}", self.token(u)));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        http_full(self.addr, method, path, &headers, &body).await
+    }
+
+    /// SIGKILL (kill -9) a child node and wait until it is gone. Panics for a node in this
+    /// process (it cannot be killed alone).
+    pub async fn kill9(&mut self) {
+        match &mut self.process {
+            NodeProcess::Child(child) => {
+                child
+                    .process
+                    .start_kill()
+                    .unwrap_or_else(|e| panic!("kill -9 node {}: {e}", self.id));
+                tokio::time::timeout(TIMEOUT, child.process.wait())
+                    .await
+                    .unwrap_or_else(|_| panic!("node {} still alive after kill -9", self.id))
+                    .unwrap_or_else(|e| panic!("waiting for node {}: {e}", self.id));
+            }
+            NodeProcess::InProcess(_) => {
+                panic!(
+                    "node {} runs in this process: only a child can be killed",
+                    self.id
+                )
+            }
+        }
+    }
+
+    /// A child's log so far (empty for a node in this process, which logs with the tests).
+    pub fn log(&self) -> Vec<String> {
+        match &self.process {
+            NodeProcess::Child(child) => child.lines(),
+            NodeProcess::InProcess(_) => Vec::new(),
+        }
+    }
+}
+
+/// The ids of the child nodes [`spawn_child_nodes`] starts: `node-a`, `node-b`, ...
+pub fn node_id(i: usize) -> String {
+    format!("node-{}", (b'a' + i as u8) as char)
+}
+
+/// `n` child nodes (`node-a`, `node-b`, ...) on `redis`, each `agentcast serve --redis-url URL
+/// --node-id ID` plus `args` (e.g. `--node-timeout-ms 1000`).
+pub async fn spawn_child_nodes(redis: &RedisServer, n: usize, args: &[&str]) -> Vec<Node> {
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        nodes.push(Node::spawn_child(&redis.url(), &node_id(i), args).await);
+    }
+    nodes
+}
+
+/// `n` nodes in this process on `redis`: `config` (e.g. `test_config()`) with its `redis_url`
+/// set. They are named `in-process-0`, `in-process-1`, ... in messages.
+pub fn start_in_process_nodes(
+    redis: &RedisServer,
+    n: usize,
+    config: agentcast::Config,
+) -> Vec<Node> {
+    (0..n)
+        .map(|i| Node::start_in_process(&redis.url(), &format!("in-process-{i}"), config.clone()))
+        .collect()
 }
