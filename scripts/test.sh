@@ -2,7 +2,8 @@
 # The test command (README.md): installs what the tests need on a fresh Debian machine, then
 # runs every test: unit, doc and integration tests (real servers on 127.0.0.1), the shell
 # examples of README.md (scripts/readme-test.sh), the bench harness at a small scale (zero-loss
-# checks included), and the browser tests in Chromium.
+# checks included), and the browser tests in Chromium. The scale-out tests (tests/it/scale_out.rs)
+# start real redis-server processes: Debian's redis-server package.
 # CI (.ci/run) calls exactly this. Anything missing or failing stops it loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v curl >/dev/null || missing+=(curl)
 command -v jq >/dev/null || missing+=(jq)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "== installing ${missing[*]}"
@@ -26,7 +28,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-echo "== $(cargo --version), node $(node --version), $(/usr/bin/chromium --version 2>/dev/null), $(nproc) cores"
+echo "== $(cargo --version), node $(node --version), $(/usr/bin/chromium --version 2>/dev/null), $(redis-server --version | cut -d' ' -f1-3), $(nproc) cores"
 
 echo "== format and lint (cargo fmt --check, cargo clippy -D warnings)"
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt

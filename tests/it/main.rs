@@ -19,5 +19,6 @@ mod metrics;
 mod properties;
 mod resume;
 mod runs;
+mod scale_out;
 mod slow_consumer;
 mod sse;

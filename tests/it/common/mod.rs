@@ -5,7 +5,8 @@
 //! Submodules, all re-exported here: `http` (HTTP requests through awc), `raw` (hand-made
 //! requests and response heads read off a plain socket, for tests about bytes on the wire),
 //! `shape` (shape checks on frames and run events, RFC 3339 times), `reads` (strict reads on a
-//! `Client`), `sse` (a small SSE client for `/v1/events`), `scrape` (reading `/metrics`).
+//! `Client`), `sse` (a small SSE client for `/v1/events`), `scrape` (reading `/metrics`),
+//! `redis` (a real `redis-server`, and agentcast nodes sharing it: PROTOCOL.md §10).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 mod http;
 mod raw;
 mod reads;
+mod redis;
 mod scrape;
 mod shape;
 mod sse;
@@ -33,6 +35,7 @@ mod sse;
 pub use http::*;
 pub use raw::*;
 pub use reads::*;
+pub use redis::*;
 pub use scrape::*;
 pub use shape::*;
 pub use sse::*;
@@ -125,7 +128,13 @@ impl Client {
         user: &str,
         query: &str,
     ) -> Client {
-        let mut url = format!("{}?token={}", server.ws_url(), server.token(user));
+        Self::connect_to(&server.ws_url(), &server.token(user), user, query).await
+    }
+
+    /// Same against any server (e.g. a child process): `ws_url` is `ws://ADDR/v1/ws`, `token`
+    /// is `user`'s, `query` as for [`Client::connect_query`].
+    pub async fn connect_to(ws_url: &str, token: &str, user: &str, query: &str) -> Client {
+        let mut url = format!("{ws_url}?token={token}");
         if !query.is_empty() {
             url.push('&');
             url.push_str(query.trim_start_matches(['?', '&']));
