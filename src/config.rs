@@ -123,9 +123,20 @@ pub struct Config {
     #[arg(long, env = "AGENTCAST_MAX_FRAME_BYTES", default_value_t = 65_536)]
     pub max_frame_bytes: usize,
 
-    /// Redis for routing and replay across machines. Not built yet: setting it is refused.
+    /// Redis shared by several agentcast nodes that serve as one (PROTOCOL.md section 10):
+    /// `redis://HOST:PORT[/DB]`. Unset: routing and replay stay in this process.
     #[arg(long, env = "AGENTCAST_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// This node's name in logs, `/metrics` and run records (with `--redis-url`). Default:
+    /// host name, process id and a random suffix.
+    #[arg(long, env = "AGENTCAST_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// A node silent on Redis for this long is taken for lost: a surviving node ends its
+    /// runs with `node_lost` (with `--redis-url`).
+    #[arg(long, env = "AGENTCAST_NODE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub node_timeout_ms: u64,
 
     /// Interval of server pings and `heartbeat` frames.
     #[arg(
@@ -193,6 +204,8 @@ impl Default for Config {
             slow_consumer_grace_ms: 5_000,
             max_frame_bytes: 65_536,
             redis_url: None,
+            node_id: None,
+            node_timeout_ms: 10_000,
             heartbeat_interval_ms: 10_000,
             idle_timeout_ms: 30_000,
             workers: 0,
@@ -253,14 +266,17 @@ pub enum ConfigError {
     /// A flag set to the empty string.
     Empty(&'static str),
     BadOrigin(BadOrigin),
-    RedisNotAvailable,
+    BadRedisUrl(String),
+    BadNodeId,
     Zero(&'static str),
 }
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ConfigError::BadBind(s) => write!(f, "--bind {s:?} is not an address like 127.0.0.1:8080"),
+            ConfigError::BadBind(s) => {
+                write!(f, "--bind {s:?} is not an address like 127.0.0.1:8080")
+            }
             ConfigError::DevModeNotLoopback(a) => write!(
                 f,
                 "no --jwt-secret and no public key: dev mode serves loopback only, and {a} is \
@@ -279,9 +295,13 @@ impl std::fmt::Display for ConfigError {
             ),
             ConfigError::Empty(name) => write!(f, "--{name} is empty"),
             ConfigError::BadOrigin(e) => write!(f, "{e}"),
-            ConfigError::RedisNotAvailable => write!(
+            ConfigError::BadRedisUrl(why) => write!(
                 f,
-                "--redis-url is not supported by this build yet: leave it unset for in-process routing and replay"
+                "--redis-url is not a Redis URL like redis://127.0.0.1:6379/0: {why}"
+            ),
+            ConfigError::BadNodeId => write!(
+                f,
+                "--node-id must be 1 to 128 characters, with no white space or control characters"
             ),
             ConfigError::Zero(name) => write!(f, "--{name} must be greater than 0"),
         }
@@ -338,11 +358,18 @@ impl Config {
             }
         }
         self.origin_policy().map_err(ConfigError::BadOrigin)?;
-        if self.redis_url.is_some() {
-            return Err(ConfigError::RedisNotAvailable);
+        if let Some(url) = &self.redis_url {
+            agentcast_actors::redis::check_url(url).map_err(ConfigError::BadRedisUrl)?;
+        }
+        if let Some(id) = &self.node_id {
+            let printable = id.chars().all(|c| !c.is_whitespace() && !c.is_control());
+            if id.is_empty() || id.chars().count() > 128 || !printable {
+                return Err(ConfigError::BadNodeId);
+            }
         }
         for (name, v) in [
             ("run-timeout-ms", self.run_timeout_ms),
+            ("node-timeout-ms", self.node_timeout_ms),
             ("max-runs-per-user", self.max_runs_per_user as u64),
             ("replay-capacity", self.replay_capacity as u64),
             ("replay-ttl-secs", self.replay_ttl_secs),
@@ -420,6 +447,22 @@ impl Config {
         } else {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         }
+    }
+
+    /// This node's id: `--node-id`, or host name, process id and a random suffix.
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "node".into());
+            format!(
+                "{host}-{}-{}",
+                std::process::id(),
+                agentcast_actors::ids::random_id("", 6)
+            )
+        })
     }
 
     pub fn run_timeout(&self) -> Duration {

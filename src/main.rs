@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (the default).
-    Serve(Config),
+    Serve(Box<Config>),
     /// Print a token for USER signed with the configured secret.
     Token {
         /// The user id (the token's `sub`).
@@ -126,7 +126,7 @@ fn main() -> ExitCode {
             println!("{}", signer.sign(&user, auth::now_unix() + ttl_secs));
             ExitCode::SUCCESS
         }
-        Some(Command::Serve(config)) => run(config),
+        Some(Command::Serve(config)) => run(*config),
         None => run(cli.serve),
     }
 }

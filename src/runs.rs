@@ -8,7 +8,7 @@ use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use agentcast_actors::protocol::{parse_client_frame, Command};
 use agentcast_actors::router::{
-    CancelRun, InspectRefused, InspectRun, RunNotFound, StartRefused, StartRun,
+    CancelRefused, CancelRun, InspectRefused, InspectRun, StartRefused, StartRun,
 };
 use serde_json::{json, Value};
 
@@ -25,6 +25,15 @@ fn unavailable() -> HttpResponse {
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal",
         "the event router is unavailable",
+    )
+}
+
+/// Redis (section 10) is unreachable: 503 `unavailable`.
+fn store_unavailable() -> HttpResponse {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the event store is unreachable; try again later",
     )
 }
 
@@ -114,6 +123,7 @@ fn start_refused(refused: StartRefused) -> HttpResponse {
             "internal",
             "the server is shutting down",
         ),
+        StartRefused::Unavailable => store_unavailable(),
     }
 }
 
@@ -134,6 +144,7 @@ async fn inspect(
     let run = match state.router.inspect_run.send(ask).await {
         Ok(Ok(run)) => run,
         Ok(Err(InspectRefused::NotFound)) => return not_found(),
+        Ok(Err(InspectRefused::Unavailable)) => return store_unavailable(),
         Ok(Err(InspectRefused::Busy(limit))) => {
             return HttpResponse::TooManyRequests()
                 .insert_header(("Retry-After", "1"))
@@ -205,7 +216,8 @@ async fn cancel(
         .await
     {
         Ok(Ok(())) => HttpResponse::Accepted().json(json!({ "run_id": run_id })),
-        Ok(Err(RunNotFound)) => not_found(),
+        Ok(Err(CancelRefused::NotFound)) => not_found(),
+        Ok(Err(CancelRefused::Unavailable)) => store_unavailable(),
         Err(_) => unavailable(),
     }
 }

@@ -13,7 +13,12 @@ use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 use agentcast_actors::builtin;
 use agentcast_actors::metrics::Metrics;
+use agentcast_actors::redis::RedisConfig;
 use agentcast_actors::registry::{ConnectionRegistry, RegistrySettings};
+
+/// Events of this node's runs that may wait for an unreachable Redis before runs fail
+/// `unavailable` (PROTOCOL.md section 10): about 10 s of a busy node's output.
+const REDIS_MAX_PENDING: usize = 50_000;
 use agentcast_actors::router::{Router, Shutdown};
 use agentcast_actors::session::SessionSettings;
 
@@ -86,9 +91,33 @@ pub async fn start(config: Config) -> io::Result<Started> {
         runs_per_minute: config.runs_per_minute,
         max_connections_per_user: config.max_connections_per_user,
     };
-    let registry =
-        ConnectionRegistry::new(settings, metrics.clone(), catalog.clone(), agents.handle())
-            .start();
+    let registry = match &config.redis_url {
+        None => {
+            ConnectionRegistry::new(settings, metrics.clone(), catalog.clone(), agents.handle())
+                .start()
+        }
+        Some(url) => {
+            let node_id = config.node_id();
+            log::info!("node {node_id}: events go through Redis (section 10)");
+            let redis = RedisConfig {
+                url: url.clone(),
+                node_id: node_id.into(),
+                node_timeout: Duration::from_millis(config.node_timeout_ms),
+                log_capacity: config.replay_capacity,
+                log_ttl: Duration::from_secs(config.replay_ttl_secs),
+                run_timeout: config.run_timeout(),
+                max_pending: REDIS_MAX_PENDING,
+            };
+            ConnectionRegistry::start_shared(
+                settings,
+                metrics.clone(),
+                catalog.clone(),
+                agents.handle(),
+                redis,
+            )
+            .map_err(|e| io::Error::other(e.to_string()))?
+        }
+    };
     let state = web::Data::new(AppState {
         router: Router::new(registry),
         catalog,

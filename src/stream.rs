@@ -91,6 +91,13 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
                 &format!("too many connections for this user (at most {limit}); close one first"),
             )
         }
+        Ok(Joined::StoreUnavailable) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the event store is unreachable; try again later",
+            )
+        }
         Ok(Joined::Unavailable) | Err(_) => {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,

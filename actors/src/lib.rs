@@ -23,6 +23,7 @@ pub mod metrics;
 mod panic;
 pub mod protocol;
 pub mod rate;
+pub mod redis;
 pub mod registry;
 pub mod replay;
 pub mod router;

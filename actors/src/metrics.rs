@@ -43,6 +43,16 @@ pub struct Metrics {
     /// `global_bytes` (the server-wide budget), `age`.
     pub replay_evicted: IntCounterVec,
     pub emit_holds: IntCounter,
+    /// Section 10 (`--redis-url`): whether Redis answers (always 0 without Redis).
+    pub redis_up: IntGauge,
+    /// This node's events waiting to be appended on Redis.
+    pub redis_pending: IntGauge,
+    /// Appends retried after a lost answer that had in fact landed (skipped, not doubled).
+    pub redis_retried: IntCounter,
+    /// Gaps in what the subscriptions delivered, filled from the stream.
+    pub redis_repairs: IntCounter,
+    /// Runs of lost nodes this node ended (`node_lost`).
+    pub runs_node_lost: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -132,6 +142,23 @@ impl Metrics {
             emit_holds: counter(
                 "agentcast_emit_holds_total",
                 "Times a user's agents were held back so a reading connection could catch up.",
+            ),
+            redis_up: gauge("agentcast_redis_up", "1 while Redis answers (with --redis-url)."),
+            redis_pending: gauge(
+                "agentcast_redis_pending_events",
+                "This node's run events waiting to be appended on Redis.",
+            ),
+            redis_retried: counter(
+                "agentcast_redis_appends_retried_total",
+                "Appends sent again after a lost answer that had in fact landed (skipped by Redis).",
+            ),
+            redis_repairs: counter(
+                "agentcast_redis_gap_repairs_total",
+                "Gaps in the pub/sub feed filled from the users' streams.",
+            ),
+            runs_node_lost: counter(
+                "agentcast_runs_node_lost_total",
+                "Runs of lost nodes this node ended with node_lost.",
             ),
             registry,
         }

@@ -25,6 +25,8 @@ pub enum ErrorCode {
     RateLimited,
     ResumeGap,
     Internal,
+    /// A store the server needs (Redis, section 10) is unreachable: try again later.
+    Unavailable,
 }
 
 /// What a client asked for.

@@ -79,6 +79,31 @@ impl ReplayBuffer {
         change
     }
 
+    /// Puts back older events in front of the oldest kept one (a shared log's history read
+    /// back for a resume): `frames` in `seq` order, the last one right before the oldest kept
+    /// (or, with nothing kept, ending at the user's `last_seq`). Stops, keeping the newest
+    /// of them, where the count or byte bound would be passed; evicts nothing. `now` dates
+    /// them for the age bound.
+    pub fn prepend(&mut self, frames: Vec<Frame>, now: Instant) -> Change {
+        let mut change = Change::default();
+        for frame in frames.into_iter().rev() {
+            if self
+                .oldest_seq()
+                .is_some_and(|oldest| frame.seq + 1 != oldest)
+            {
+                break;
+            }
+            let c = cost(&frame);
+            if self.entries.len() >= self.capacity || self.bytes + c > self.max_bytes {
+                break;
+            }
+            self.bytes += c;
+            change.added += c;
+            self.entries.push_front((now, frame));
+        }
+        change
+    }
+
     /// Forgets the `n` oldest events.
     pub fn evict_oldest(&mut self, n: usize) -> Change {
         let mut change = Change::default();
@@ -205,6 +230,22 @@ mod tests {
             b.push(frame(s), now);
         }
         b
+    }
+
+    #[test]
+    fn prepend_puts_back_what_fits_right_before_the_oldest() {
+        let mut b = ReplayBuffer::new(6, usize::MAX, Duration::from_secs(60));
+        let now = Instant::now();
+        for s in 8..=10 {
+            b.push(frame(s), now);
+        }
+        // Not adjacent to 8: nothing goes in.
+        assert_eq!(b.prepend(vec![frame(3), frame(4), frame(5)], now).added, 0);
+        // Adjacent: the newest that fit (the count bound is 6) go in, in order.
+        let change = b.prepend((2..=7).map(frame).collect(), now);
+        assert_eq!(change.added, 3 * cost(&frame(1)));
+        assert_eq!(seqs(b.between(0, 100)), (5..=10).collect::<Vec<_>>());
+        assert_eq!(b.bytes(), 6 * cost(&frame(1)));
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub struct Connect {
 pub enum ConnectRefused {
     /// The user already has `--max-connections-per-user` connections.
     TooManyConnections(usize),
+    /// The shared log (Redis) cannot be reached to learn the user's epoch and history.
+    Unavailable,
 }
 
 #[derive(Debug)]
@@ -131,19 +133,25 @@ pub enum StartRefused {
         retry_after_ms: u64,
     },
     ShuttingDown,
+    /// The shared log (Redis) is unreachable.
+    Unavailable,
 }
 
 /// Cancel one of `user`'s runs.
 #[derive(Message)]
-#[rtype(result = "Result<(), RunNotFound>")]
+#[rtype(result = "Result<(), CancelRefused>")]
 pub struct CancelRun {
     pub user: UserId,
     pub run_id: String,
 }
 
-/// No such run for this user (whether or not another user has it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RunNotFound;
+pub enum CancelRefused {
+    /// No such run for this user (whether or not another user has it).
+    NotFound,
+    /// The run is not this node's and the shared log (Redis) is unreachable.
+    Unavailable,
+}
 
 /// A `resume` command: replay to session `key` the user's events with
 /// `after_seq < seq <= upto` (the ones from before it joined), alongside its live events, then
@@ -165,6 +173,8 @@ pub enum ResumeRefused {
     Gap(Gap),
     /// This session's previous `resume` is still replaying.
     InProgress,
+    /// The history is on the shared log (Redis), which is unreachable.
+    Unavailable,
 }
 
 /// Stop: no new runs; running runs get `drain` to finish and are then cancelled; then every
@@ -189,6 +199,8 @@ pub enum InspectRefused {
     NotFound,
     /// The user already has this many run views being sent.
     Busy(usize),
+    /// The run is on the shared log (Redis), which is unreachable.
+    Unavailable,
 }
 
 #[derive(Debug)]
@@ -269,6 +281,9 @@ pub struct ResumedNote {
 pub enum Goodbye {
     SlowConsumer,
     ServerShutdown,
+    /// The user's history was lost (Redis lost its data): the epoch changed under an open
+    /// connection, which is closed (1012) so that it reconnects and learns of the gap.
+    HistoryLost,
 }
 
 /// The handle to routing and replay that sessions and HTTP routes hold.

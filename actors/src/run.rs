@@ -39,6 +39,12 @@ pub enum CancelReason {
     Requested,
     /// The server is shutting down.
     Shutdown,
+    /// The shared log (Redis) has been unreachable for longer than this node can hold the
+    /// run's events: it ends `failed`, code `unavailable`.
+    Unavailable,
+    /// Another node took this node for lost and ended the run (`node_lost`): whatever it
+    /// still emits is refused.
+    NodeLost,
 }
 
 #[derive(Message)]
@@ -147,10 +153,27 @@ impl Handler<Cancel> for AgentRunActor {
     type Result = ();
 
     fn handle(&mut self, Cancel(reason): Cancel, ctx: &mut Context<Self>) {
-        let error = match reason {
-            CancelReason::Requested => ErrorBody::new("cancelled", "the run was cancelled"),
-            CancelReason::Shutdown => ErrorBody::new("shutdown", "the server is shutting down"),
+        let (status, error) = match reason {
+            CancelReason::Requested => (
+                RunStatus::Cancelled,
+                ErrorBody::new("cancelled", "the run was cancelled"),
+            ),
+            CancelReason::Shutdown => (
+                RunStatus::Cancelled,
+                ErrorBody::new("shutdown", "the server is shutting down"),
+            ),
+            CancelReason::Unavailable => (
+                RunStatus::Failed,
+                ErrorBody::new(
+                    "unavailable",
+                    "the event store was unreachable for longer than the server can hold events",
+                ),
+            ),
+            CancelReason::NodeLost => (
+                RunStatus::Failed,
+                ErrorBody::new("node_lost", "the node running this run was taken for lost"),
+            ),
         };
-        self.finish(RunStatus::Cancelled, Value::Null, Some(error), ctx)
+        self.finish(status, Value::Null, Some(error), ctx)
     }
 }

@@ -284,6 +284,12 @@ impl Session {
                                 ErrorCode::Internal,
                                 "the server is shutting down",
                             ),
+                            Ok(Err(StartRefused::Unavailable)) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::Unavailable,
+                                "the event store is unreachable; try again later",
+                            ),
                             Err(_) => act.refuse(
                                 ctx,
                                 rid,
@@ -310,9 +316,15 @@ impl Session {
                                     run_id: Some(&run_id),
                                 },
                             ),
-                            Ok(Err(RunNotFound)) => {
+                            Ok(Err(CancelRefused::NotFound)) => {
                                 act.refuse(ctx, rid, ErrorCode::RunNotFound, "no such run")
                             }
+                            Ok(Err(CancelRefused::Unavailable)) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::Unavailable,
+                                "the event store is unreachable; try again later",
+                            ),
                             Err(_) => act.refuse(
                                 ctx,
                                 rid,
@@ -346,6 +358,12 @@ impl Session {
                                 rid,
                                 ErrorCode::InvalidField,
                                 "a resume is already replaying on this connection; wait for its resumed",
+                            ),
+                            Ok(Err(ResumeRefused::Unavailable)) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::Unavailable,
+                                "the event store is unreachable; try again later",
                             ),
                             Err(_) => act.refuse(
                                 ctx,
@@ -439,6 +457,19 @@ impl Actor for Session {
                     let why = format!("too many connections for this user (at most {limit})");
                     Self::close(ctx, ws::CloseCode::Policy, &why)
                 }
+                Ok(Err(ConnectRefused::Unavailable)) => {
+                    act.settings
+                        .metrics
+                        .refused_connections
+                        .with_label_values(&["unavailable"])
+                        .inc();
+                    // 1013 Try Again Later: the user's history cannot be reached right now.
+                    Self::close(
+                        ctx,
+                        ws::CloseCode::Again,
+                        "unavailable: the event store is unreachable; try again later",
+                    )
+                }
                 Err(_) => Self::close(ctx, ws::CloseCode::Error, "the event router is unavailable"),
             },
         ));
@@ -477,6 +508,11 @@ impl Handler<Push> for Session {
             Push::Close(Goodbye::ServerShutdown) => {
                 Self::close(ctx, ws::CloseCode::Away, "server shutting down")
             }
+            Push::Close(Goodbye::HistoryLost) => Self::close(
+                ctx,
+                ws::CloseCode::Restart,
+                "the event history was lost; reconnect and resume",
+            ),
         }
     }
 }

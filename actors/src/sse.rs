@@ -42,6 +42,8 @@ pub enum Joined {
     Yes,
     TooManyConnections(usize),
     Unavailable,
+    /// The shared log (Redis) cannot be reached: 503 `unavailable`.
+    StoreUnavailable,
 }
 
 /// The response body of a stream: what the session writes, until it ends the stream.
@@ -260,6 +262,7 @@ impl Actor for SseSession {
                         .inc();
                     act.refused(Joined::TooManyConnections(limit), ctx)
                 }
+                Ok(Err(ConnectRefused::Unavailable)) => act.refused(Joined::StoreUnavailable, ctx),
                 Err(_) => act.refused(Joined::Unavailable, ctx),
             },
         ));

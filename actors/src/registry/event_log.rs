@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::event::{Draft, Frame};
+use crate::event::{Draft, EventData, Frame};
 use crate::ids::{random_id, UserId};
 use crate::metrics::Metrics;
 use crate::replay::{Change, Gap, ReplayBuffer};
@@ -64,9 +64,17 @@ pub trait EventLog {
     /// A fresh history for a user this node has no log for.
     fn open(&mut self, user: &UserId, budget: &LogBudget) -> UserLog;
 
-    /// Numbers `draft`. The memory log numbers it now and returns the frame, for the registry
-    /// to append to `log`.
-    fn append(&mut self, user: &UserId, log: &mut UserLog, draft: Draft) -> Option<Frame>;
+    /// Numbers `draft` (of `data`, the `index`th event of its run). The memory log numbers it
+    /// now and returns the frame, for the registry to append to `log`; a shared log returns
+    /// `None` and the frame comes back as a message, like those of every other node.
+    fn append(
+        &mut self,
+        user: &UserId,
+        log: &mut UserLog,
+        draft: Draft,
+        data: &EventData,
+        index: u64,
+    ) -> Option<Frame>;
 }
 
 /// The embedded log: the process is the store.
@@ -79,7 +87,14 @@ impl EventLog for MemoryLog {
         UserLog::new(random_id("", 16).into(), 0, budget)
     }
 
-    fn append(&mut self, _: &UserId, log: &mut UserLog, draft: Draft) -> Option<Frame> {
+    fn append(
+        &mut self,
+        _: &UserId,
+        log: &mut UserLog,
+        draft: Draft,
+        _: &EventData,
+        _: u64,
+    ) -> Option<Frame> {
         log.assigned_seq += 1;
         Some(draft.number(log.assigned_seq))
     }

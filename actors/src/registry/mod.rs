@@ -13,11 +13,15 @@
 //!   a tab that stops reading is cut off within `fanout::STALL_LIMIT`. When appending an event
 //!   would evict one a session still catching up needs, the event is *held* and the user's
 //!   [`EmitGate`] closes, so agents wait rather than outrun a reading tab;
-//! - [`runs`]: the run table, ledgers, limits and sweeping.
+//! - [`runs`]: the run table, ledgers, limits and sweeping;
+//! - [`shared`]: the same on a shared log (Redis, PROTOCOL.md section 10): this node's events
+//!   are numbered on Redis and come back with every other node's; limits, cancels and run
+//!   views go through Redis.
 
 pub mod event_log;
 pub mod fanout;
 pub mod runs;
+pub mod shared;
 pub mod users;
 
 use std::collections::{HashMap, HashSet};
@@ -28,7 +32,8 @@ use std::time::{Duration, Instant, SystemTime};
 use actix::prelude::*;
 use serde_json::Value;
 
-use crate::catalog::Catalog;
+use crate::agent::Agent;
+use crate::catalog::{Catalog, Toolbox};
 use crate::emitter::{EmitGate, Emitter};
 use crate::event::{Draft, ErrorBody, EventData, Frame, RunStatus};
 use crate::ids::{new_run_id, RunId, UserId};
@@ -116,6 +121,14 @@ pub struct ConnectionRegistry {
     /// Set when runs that were cancelled at a stop never reported their end.
     stop_now: bool,
     shutdown_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Set when the log is shared (Redis).
+    shared: Option<shared::Shared>,
+}
+
+/// A run start that passed the checks that need nothing but this node.
+pub struct CheckedStart {
+    agent: Arc<dyn Agent>,
+    tools: Arc<Toolbox>,
 }
 
 impl ConnectionRegistry {
@@ -143,6 +156,7 @@ impl ConnectionRegistry {
             shutting_down: false,
             stop_now: false,
             shutdown_waiters: Vec::new(),
+            shared: None,
         }
     }
 
@@ -162,6 +176,7 @@ impl ConnectionRegistry {
 
     /// Has one admitted event of `run_id` numbered and encoded, then appends it, or holds it
     /// while appending would evict what a session catching up still needs.
+    #[allow(clippy::too_many_arguments)]
     fn sequence(
         &mut self,
         user: &UserId,
@@ -169,6 +184,7 @@ impl ConnectionRegistry {
         thread_id: Option<&str>,
         at: SystemTime,
         data: &EventData,
+        index: u64,
         ctx: &mut Context<Self>,
     ) {
         let Some(entry) = self.users.get_mut(user) else {
@@ -177,7 +193,9 @@ impl ConnectionRegistry {
         };
         let draft = Draft::new(run_id, thread_id, at, data);
         self.metrics.emitted(data).inc();
-        let Some(frame) = self.log.append(user, &mut entry.log, draft) else {
+        let Some(frame) = self.log.append(user, &mut entry.log, draft, data, index) else {
+            // Numbered on the shared log; it comes back as `LogNews::Frame`.
+            self.note_pending(run_id);
             return;
         };
         self.runs.note_seq(run_id, frame.seq);
@@ -309,8 +327,9 @@ impl ConnectionRegistry {
     }
 
     fn maybe_finish_shutdown(&mut self) {
+        let appending = self.shared.as_ref().is_some_and(|s| s.pending > 0);
         if self.shutting_down
-            && (self.runs.running == 0 || self.stop_now)
+            && ((self.runs.running == 0 && !appending) || self.stop_now)
             && !self.shutdown_waiters.is_empty()
         {
             self.close_all_sessions();
@@ -331,12 +350,20 @@ impl ConnectionRegistry {
             entry.sessions.retain(SessionLink::connected);
             entry.touch_idle(now);
         }
-        self.users.retain(|_, e| {
-            let keep = e
-                .idle_since
-                .is_none_or(|since| now.duration_since(since) < ttl);
+        // On a shared log the history is in Redis: a user idle here is unfollowed at once.
+        let shared = self.shared.as_ref().map(|s| s.link.clone());
+        self.users.retain(|user, e| {
+            let keep = match &shared {
+                None => e
+                    .idle_since
+                    .is_none_or(|since| now.duration_since(since) < ttl),
+                Some(_) => e.idle_since.is_none() || e.follow.asked || e.inspecting > 0,
+            };
             if !keep {
                 changes.push((e.log.frames.clear(), "age"));
+                if let (Some(link), true) = (&shared, e.follow.synced) {
+                    link.unfollow(user.clone());
+                }
             }
             keep
         });
@@ -370,6 +397,7 @@ impl Actor for ConnectionRegistry {
         let every =
             (self.settings.replay_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         ctx.run_interval(every, |act, ctx| act.sweep(ctx));
+        self.start_resync_timer(ctx);
     }
 }
 
@@ -400,13 +428,15 @@ impl Handler<Emit> for ConnectionRegistry {
                 return;
             }
         };
-        for data in admitted.closing.iter().chain(std::iter::once(&msg.data)) {
+        let events = admitted.closing.iter().chain(std::iter::once(&msg.data));
+        for (index, data) in (admitted.first_index..).zip(events) {
             self.sequence(
                 &msg.user,
                 &msg.run_id,
                 admitted.thread_id.as_deref(),
                 msg.at,
                 data,
+                index,
                 ctx,
             );
         }
@@ -422,10 +452,9 @@ impl Handler<Emit> for ConnectionRegistry {
     }
 }
 
-impl Handler<Connect> for ConnectionRegistry {
-    type Result = MessageResult<Connect>;
-
-    fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) -> Self::Result {
+impl ConnectionRegistry {
+    /// A session joins, in one step: answered with the `last_seq` it is live from, and added.
+    fn join(&mut self, msg: Connect, ctx: &mut Context<Self>) -> Result<Connected, ConnectRefused> {
         let now = Instant::now();
         let shutting_down = self.shutting_down;
         let limit = self.settings.max_connections_per_user;
@@ -434,7 +463,7 @@ impl Handler<Connect> for ConnectionRegistry {
         entry.sessions.retain(SessionLink::connected);
         if entry.sessions.len() + entry.cut.len() >= limit {
             entry.touch_idle(now);
-            return MessageResult(Err(ConnectRefused::TooManyConnections(limit)));
+            return Err(ConnectRefused::TooManyConnections(limit));
         }
         let mut link = SessionLink::new(msg.key, msg.push, msg.shared, msg.reset, now);
         let last_seq = entry.log.last_seq;
@@ -476,7 +505,18 @@ impl Handler<Connect> for ConnectionRegistry {
             self.catch_up_user(&msg.user, now, ctx);
             self.schedule_catch_up(ctx);
         }
-        MessageResult(Ok(connected))
+        Ok(connected)
+    }
+}
+
+impl Handler<Connect> for ConnectionRegistry {
+    type Result = ResponseActFuture<Self, Result<Connected, ConnectRefused>>;
+
+    fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shared.is_some() {
+            return self.connect_shared(msg, ctx);
+        }
+        Box::pin(actix::fut::ready(self.join(msg, ctx)))
     }
 }
 
@@ -495,10 +535,9 @@ impl Handler<Disconnect> for ConnectionRegistry {
     }
 }
 
-impl Handler<Resume> for ConnectionRegistry {
-    type Result = Result<(), ResumeRefused>;
-
-    fn handle(&mut self, msg: Resume, ctx: &mut Context<Self>) -> Self::Result {
+impl ConnectionRegistry {
+    /// A `resume` command: its replay begins, fed from the log alongside live frames.
+    fn resume(&mut self, msg: Resume, ctx: &mut Context<Self>) -> Result<(), ResumeRefused> {
         let now = Instant::now();
         let metrics = self.metrics.clone();
         let entry = self.user_entry(&msg.user);
@@ -529,37 +568,63 @@ impl Handler<Resume> for ConnectionRegistry {
     }
 }
 
-impl Handler<StartRun> for ConnectionRegistry {
-    type Result = MessageResult<StartRun>;
+impl Handler<Resume> for ConnectionRegistry {
+    type Result = ResponseActFuture<Self, Result<(), ResumeRefused>>;
 
-    fn handle(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Resume, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shared.is_some() {
+            return self.resume_shared(msg, ctx);
+        }
+        Box::pin(actix::fut::ready(self.resume(msg, ctx)))
+    }
+}
+
+impl ConnectionRegistry {
+    /// The checks of a run start that need nothing but this node.
+    fn check_start(&self, msg: &StartRun) -> Result<CheckedStart, StartRefused> {
         if self.shutting_down {
-            return MessageResult(Err(StartRefused::ShuttingDown));
+            return Err(StartRefused::ShuttingDown);
         }
-        let Some(agent) = self.catalog.agent(&msg.agent) else {
-            return MessageResult(Err(StartRefused::UnknownAgent));
-        };
+        let agent = self
+            .catalog
+            .agent(&msg.agent)
+            .ok_or(StartRefused::UnknownAgent)?;
         let tools = self.catalog.tools().clone();
-        if let Err(why) = agent.check_input(&msg.input, &tools) {
-            return MessageResult(Err(StartRefused::InvalidInput(why)));
-        }
+        agent
+            .check_input(&msg.input, &tools)
+            .map_err(StartRefused::InvalidInput)?;
+        Ok(CheckedStart { agent, tools })
+    }
+
+    /// This node's limits of the user's runs (without a shared log).
+    fn claim_locally(&mut self, user: &UserId) -> Result<(), StartRefused> {
         let limit = self.settings.max_runs_per_user;
-        let entry = self.user_entry(&msg.user);
+        let entry = self.user_entry(user);
         if entry.running >= limit {
             entry.touch_idle(Instant::now());
-            return MessageResult(Err(StartRefused::TooManyRuns(limit)));
+            return Err(StartRefused::TooManyRuns(limit));
         }
         if let Err(wait) = entry.run_starts.take(Instant::now()) {
             entry.touch_idle(Instant::now());
-            return MessageResult(Err(StartRefused::RateLimited {
+            return Err(StartRefused::RateLimited {
                 retry_after_ms: wait.as_millis() as u64 + 1,
-            }));
+            });
         }
+        Ok(())
+    }
+
+    /// Starts a run that was granted: its actor, bound to its user by its emitter.
+    fn launch(
+        &mut self,
+        run_id: RunId,
+        msg: StartRun,
+        checked: CheckedStart,
+        ctx: &mut Context<Self>,
+    ) -> RunId {
+        let entry = self.user_entry(&msg.user);
         entry.running += 1;
         entry.idle_since = None;
         let gate: Arc<EmitGate> = entry.gate.clone();
-
-        let run_id = new_run_id();
         let emitter = Emitter::new(
             msg.user.clone(),
             run_id.clone(),
@@ -567,7 +632,7 @@ impl Handler<StartRun> for ConnectionRegistry {
             gate,
         );
         let timeout = self.settings.run_timeout;
-        let input = msg.input;
+        let (agent, tools, input) = (checked.agent, checked.tools, msg.input);
         let actor = AgentRunActor::start_in_arbiter(&self.agents, move |_| {
             AgentRunActor::new(agent, input, emitter, tools, timeout)
         });
@@ -575,15 +640,40 @@ impl Handler<StartRun> for ConnectionRegistry {
         self.metrics.runs_started.inc();
         self.runs
             .insert(run_id.clone(), msg.user, msg.agent, msg.thread_id, actor);
-        MessageResult(Ok(run_id))
+        run_id
+    }
+}
+
+impl Handler<StartRun> for ConnectionRegistry {
+    type Result = ResponseActFuture<Self, Result<RunId, StartRefused>>;
+
+    fn handle(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Self::Result {
+        let checked = match self.check_start(&msg) {
+            Ok(checked) => checked,
+            Err(refused) => return Box::pin(actix::fut::ready(Err(refused))),
+        };
+        if self.shared.is_some() {
+            return self.claim_shared(msg, checked);
+        }
+        let started = self
+            .claim_locally(&msg.user)
+            .map(|()| self.launch(new_run_id(), msg, checked, ctx));
+        Box::pin(actix::fut::ready(started))
     }
 }
 
 impl Handler<CancelRun> for ConnectionRegistry {
-    type Result = Result<(), RunNotFound>;
+    type Result = ResponseActFuture<Self, Result<(), CancelRefused>>;
 
     fn handle(&mut self, msg: CancelRun, _: &mut Context<Self>) -> Self::Result {
-        self.runs.cancel(&msg.user, &msg.run_id).ok_or(RunNotFound)
+        if self.runs.cancel(&msg.user, &msg.run_id).is_some() {
+            return Box::pin(actix::fut::ready(Ok(())));
+        }
+        if self.shared.is_some() {
+            // Maybe another node's run.
+            return self.cancel_shared(msg);
+        }
+        Box::pin(actix::fut::ready(Err(CancelRefused::NotFound)))
     }
 }
 
@@ -625,10 +715,13 @@ impl Handler<Shutdown> for ConnectionRegistry {
     }
 }
 
-impl Handler<InspectRun> for ConnectionRegistry {
-    type Result = Result<RunView, InspectRefused>;
-
-    fn handle(&mut self, msg: InspectRun, ctx: &mut Context<Self>) -> Self::Result {
+impl ConnectionRegistry {
+    /// A run of this node's, its events from the user's log.
+    fn inspect(
+        &mut self,
+        msg: InspectRun,
+        ctx: &mut Context<Self>,
+    ) -> Result<RunView, InspectRefused> {
         let (run_id, run) = self
             .runs
             .get(&msg.run_id)
@@ -655,6 +748,18 @@ impl Handler<InspectRun> for ConnectionRegistry {
             truncated,
             lease: InspectLease::new(msg.user, ctx.address().recipient()),
         })
+    }
+}
+
+impl Handler<InspectRun> for ConnectionRegistry {
+    type Result = ResponseActFuture<Self, Result<RunView, InspectRefused>>;
+
+    fn handle(&mut self, msg: InspectRun, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shared.is_some() {
+            // The window here holds only what this node's sessions needed: Redis has it all.
+            return self.inspect_shared(msg, ctx);
+        }
+        Box::pin(actix::fut::ready(self.inspect(msg, ctx)))
     }
 }
 

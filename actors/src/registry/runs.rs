@@ -38,6 +38,8 @@ pub struct RunRecord {
     pub seqs: Option<(u64, u64)>,
     /// Since when its actor has been seen stopped while the run had not ended.
     stopped_since: Option<Instant>,
+    /// Events admitted so far: each gets the next index (a shared log skips a retried one).
+    admitted: u64,
 }
 
 /// Why an event was not admitted.
@@ -56,6 +58,8 @@ pub struct Admitted {
     pub thread_id: Option<Arc<str>>,
     /// Set when the event ends the run.
     pub ended: Option<RunStatus>,
+    /// The index in its run of the first event to sequence (the others follow on).
+    pub first_index: u64,
 }
 
 #[derive(Default)]
@@ -87,6 +91,7 @@ impl RunTable {
                 ended: None,
                 seqs: None,
                 stopped_since: None,
+                admitted: 0,
             },
         );
     }
@@ -120,10 +125,13 @@ impl RunTable {
             // The run's start is its first event, not when the registry got round to noting it.
             run.started_at = msg.at;
         }
+        let first_index = run.admitted + 1;
+        run.admitted += closing.len() as u64 + 1;
         Ok(Admitted {
             closing,
             thread_id: run.thread_id.clone(),
             ended,
+            first_index,
         })
     }
 
@@ -143,6 +151,18 @@ impl RunTable {
             run.actor.do_send(Cancel(CancelReason::Requested));
         }
         Some(())
+    }
+
+    /// Stops a run of this node whoever asks (another node, which checked the owner).
+    pub fn stop(&self, run_id: &str, reason: CancelReason) -> bool {
+        match self.runs.get(run_id) {
+            Some(run) if run.ended.is_none() => {
+                run.actor.do_send(Cancel(reason));
+                true
+            }
+            Some(_) => true,
+            None => false,
+        }
     }
 
     pub fn cancel_running(&self, reason: CancelReason) {

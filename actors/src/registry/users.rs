@@ -30,6 +30,8 @@ pub struct UserEntry {
     /// Since when the user has had no session and no running run.
     pub idle_since: Option<Instant>,
     pub run_starts: TokenBucket,
+    /// Its following of a shared log (Redis); unused without one.
+    pub follow: super::shared::Following,
 }
 
 /// What appending a frame did.
@@ -53,6 +55,7 @@ impl UserEntry {
             inspecting: 0,
             idle_since: None,
             run_starts,
+            follow: Default::default(),
         }
     }
 

@@ -1,0 +1,597 @@
+//! The shared event log on Redis (PROTOCOL.md section 10): several nodes that share one
+//! Redis serve as one server.
+//!
+//! Per user, Redis holds a meta hash (epoch, newest seq), a stream of frames (entry id
+//! `<seq>-0`, exact MAXLEN, TTL), the set of the user's running runs and one record per run;
+//! a Lua script per append numbers the event, adds it to the stream and publishes it on the
+//! user's channel, so live delivery and replay agree on `seq` ([`scripts`]). Every node
+//! subscribes to the channels of the users it has sessions for.
+//!
+//! [`RedisLink`] is the registry's handle. It runs on an arbiter (thread) of its own:
+//! - the *writer* ([`writer`]) sends this node's appends in order, pipelined, and retries
+//!   them while Redis is away (each event of a run has an index, so a retry that had in fact
+//!   landed is skipped, never appended twice);
+//! - the *listener* ([`listener`]) reads the subscriptions and never blocks: a frame it
+//!   cannot hand over is dropped, and the registry repairs the gap from the stream;
+//! - the *heartbeat* ([`nodes`]) keeps this node alive in the node table and ends the runs of
+//!   nodes that lapsed (`node_lost`).
+//!
+//! What they learn reaches the registry as [`LogNews`]; queries the registry waits on
+//! (claims, reads, run records) are plain futures on a shared multiplexed connection.
+
+pub mod keys;
+mod listener;
+mod nodes;
+pub mod scripts;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Value;
+use tokio::sync::mpsc;
+
+use crate::event::{Draft, Frame, RunStatus};
+use crate::ids::{random_id, RunId, UserId};
+use crate::metrics::{Metrics, EVENT_TYPES};
+
+use self::keys::UserKeys;
+
+/// How this node uses Redis.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub node_id: Arc<str>,
+    /// A node silent for this long is taken for dead and its runs are ended.
+    pub node_timeout: Duration,
+    /// Frames kept per user (the stream's MAXLEN): `--replay-capacity`.
+    pub log_capacity: usize,
+    /// How long a user's stream lives after its last event: `--replay-ttl-secs`.
+    pub log_ttl: Duration,
+    /// Longest a run may take (`--run-timeout-secs`): its record outlives it.
+    pub run_timeout: Duration,
+    /// Events of this node's runs waiting for Redis before runs are failed `unavailable`.
+    pub max_pending: usize,
+}
+
+impl RedisConfig {
+    /// A user's meta hash (epoch, top) outlives the stream, so a user who comes back after
+    /// the stream expired keeps the epoch and counts on: a resume gets an honest gap.
+    fn meta_ttl(&self) -> Duration {
+        (self.log_ttl * 10).max(Duration::from_secs(24 * 3600))
+    }
+
+    fn run_ttl(&self) -> Duration {
+        self.run_timeout + self.log_ttl + self.node_timeout * 2
+    }
+
+    /// How long one command may take before Redis counts as unreachable.
+    fn response_timeout(&self) -> Duration {
+        (self.node_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(2))
+    }
+}
+
+/// Whether `url` is a Redis URL this client can use.
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Why a Redis query failed.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redis is unavailable: {}", self.0)
+    }
+}
+
+impl From<redis::RedisError> for Unavailable {
+    fn from(e: redis::RedisError) -> Self {
+        Unavailable(e.to_string())
+    }
+}
+
+/// One event of one of this node's runs (or a lost node's), for the writer to append.
+#[derive(Debug)]
+pub struct AppendJob {
+    pub user: UserId,
+    pub draft: Draft,
+    /// The event's index in its run (1, 2, ...): a retry of an appended one is skipped.
+    pub index: u64,
+    /// `tool_executing` / `tool_completed`: the call id and tool, for the run record's open
+    /// calls.
+    pub call: Option<(String, String)>,
+    /// `agent_completed`: how it ended.
+    pub ended: Option<RunStatus>,
+}
+
+/// A run of a lost node that is still open: what it takes to end it.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub user: UserId,
+    pub run_id: RunId,
+    pub thread_id: Option<Arc<str>>,
+    pub started_ms: u64,
+    /// The index of the run's last appended event.
+    pub index: u64,
+    /// Tool calls still open: call id and tool.
+    pub open_calls: Vec<(String, String)>,
+    /// Tool calls the run made.
+    pub tool_calls: u64,
+}
+
+/// What the Redis side tells the registry.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub enum LogNews {
+    /// A numbered frame of a user: from one of this node's appends, or from a subscription.
+    Frame {
+        user: UserId,
+        epoch: Arc<str>,
+        frame: Frame,
+        /// The answer to one of this node's appends (else a subscription's copy).
+        own: bool,
+    },
+    /// This many of this node's appends are done with (appended, skipped or refused).
+    Settled(usize),
+    /// Appends of this run were refused: it has been ended elsewhere (its node was taken
+    /// for lost).
+    RunGone(RunId),
+    /// The node now follows the user: subscribed, then read the epoch and newest seq.
+    Followed {
+        user: UserId,
+        epoch: Arc<str>,
+        top: u64,
+    },
+    FollowFailed(UserId),
+    /// The subscriptions were lost and are back (or frames were dropped): check every
+    /// followed user against the meta hashes.
+    Resync,
+    /// Another node asks this one to cancel a run.
+    Cancel(RunId),
+    /// A lost node's open runs, for this node to end (and then forget the node).
+    Orphans {
+        node: Arc<str>,
+        runs: Vec<Orphan>,
+    },
+    /// Whether Redis answers.
+    Up(bool),
+}
+
+/// A stretch of a user's history read from Redis.
+#[derive(Debug)]
+pub struct History {
+    /// `None`: there is no history (Redis lost it, or never had it).
+    pub epoch: Option<Arc<str>>,
+    /// The newest seq.
+    pub top: u64,
+    /// The frames asked for that the stream still holds, in order.
+    pub frames: Vec<Frame>,
+}
+
+/// A user's epoch and newest seq, as the meta hash says.
+#[derive(Debug, Clone)]
+pub struct Top {
+    pub user: UserId,
+    pub epoch: Arc<str>,
+    pub top: u64,
+}
+
+/// What a start-run claim came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    Granted,
+    TooMany,
+    RateLimited { retry_after_ms: u64 },
+}
+
+/// A run's record and its events, read from Redis (`GET /v1/runs/{id}` of a run that is
+/// not this node's).
+#[derive(Debug)]
+pub struct RemoteRun {
+    pub agent: String,
+    pub thread_id: Option<Arc<str>>,
+    pub status: Option<RunStatus>,
+    pub started_at: SystemTime,
+    pub ended_at: Option<SystemTime>,
+    pub events: Vec<Frame>,
+    pub truncated: bool,
+}
+
+/// The registry's handle on Redis.
+#[derive(Clone)]
+pub struct RedisLink {
+    config: Arc<RedisConfig>,
+    conn: ConnectionManager,
+    appends: mpsc::UnboundedSender<writer::Job>,
+    follows: mpsc::UnboundedSender<listener::Follow>,
+    up: Arc<AtomicBool>,
+}
+
+impl RedisLink {
+    /// Connects (lazily: a node starts while Redis is away, and serves once it is back) and
+    /// starts the writer, listener and heartbeat on an arbiter of their own.
+    pub fn start(
+        config: RedisConfig,
+        news: Recipient<LogNews>,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisLink, Unavailable> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let config = Arc::new(config);
+        let timeout = config.response_timeout();
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+        let (appends, append_rx) = mpsc::unbounded_channel();
+        let (follows, follow_rx) = mpsc::unbounded_channel();
+        let up = Arc::new(AtomicBool::new(false));
+        let link = RedisLink {
+            config: config.clone(),
+            conn,
+            appends,
+            follows,
+            up,
+        };
+        let arbiter = Arbiter::new();
+        let started = arbiter.spawn(writer::run(link.clone(), append_rx, news.clone(), metrics))
+            && arbiter.spawn(listener::run(link.clone(), client, follow_rx, news.clone()))
+            && arbiter.spawn(nodes::run(link.clone(), news));
+        if !started {
+            return Err(Unavailable("the Redis arbiter did not start".into()));
+        }
+        // The arbiter lives as long as the process: its thread ends with the system.
+        std::mem::forget(arbiter);
+        Ok(link)
+    }
+
+    pub fn node_id(&self) -> &Arc<str> {
+        &self.config.node_id
+    }
+
+    /// Whether Redis answered the latest command.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn set_up(&self, up: bool, news: &Recipient<LogNews>) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                log::info!("Redis is reachable");
+            } else {
+                log::warn!("Redis is unreachable");
+            }
+            news.do_send(LogNews::Up(up));
+        }
+    }
+
+    /// Queues an append; the result comes back as [`LogNews`].
+    pub fn append(&self, job: AppendJob) {
+        if self.appends.send(writer::Job::Append(job)).is_err() {
+            log::error!("the Redis writer has stopped; an event is lost");
+        }
+    }
+
+    /// After the appends queued so far: forgets a lost node's run list and its heartbeat.
+    pub fn forget_node(&self, node: Arc<str>) {
+        let _ = self.appends.send(writer::Job::ForgetNode(node));
+    }
+
+    /// Follow a user's appends from now on; answered by `Followed` or `FollowFailed`.
+    pub fn follow(&self, user: UserId) {
+        let _ = self.follows.send(listener::Follow::Start(user));
+    }
+
+    pub fn unfollow(&self, user: UserId) {
+        let _ = self.follows.send(listener::Follow::Stop(user));
+    }
+
+    /// Claims a run start against the user's cluster-wide limits and records the run.
+    pub async fn claim(
+        &self,
+        user: &UserId,
+        run_id: &RunId,
+        agent: &str,
+        thread_id: Option<&str>,
+        max_runs: usize,
+        runs_per_minute: u32,
+    ) -> Result<Claim, Unavailable> {
+        let keys = UserKeys::new(user);
+        let mut conn = self.conn.clone();
+        let reply: Value = scripts::CLAIM
+            .key(&keys.running)
+            .key(&keys.starts)
+            .key(keys.run(run_id))
+            .arg(max_runs)
+            .arg(runs_per_minute.max(1))
+            .arg(run_id.as_ref())
+            .arg(self.config.node_id.as_ref())
+            .arg(agent)
+            .arg(thread_id.unwrap_or(""))
+            .arg(user.as_ref())
+            .arg(self.config.run_ttl().as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        let claim = match tag(&reply).as_deref() {
+            Some("ok") => Claim::Granted,
+            Some("too_many") => Claim::TooMany,
+            Some("rate") => Claim::RateLimited {
+                retry_after_ms: int_at(&reply, 1).unwrap_or(1000).max(1),
+            },
+            _ => return Err(Unavailable(format!("unexpected claim reply {reply:?}"))),
+        };
+        if claim == Claim::Granted {
+            let member = format!("{user}\n{run_id}");
+            let _: Result<(), _> = redis::cmd("SADD")
+                .arg(keys::node_runs(&self.config.node_id))
+                .arg(member)
+                .query_async(&mut conn)
+                .await;
+        }
+        Ok(claim)
+    }
+
+    /// The user's epoch (made if there is none) and newest seq.
+    pub async fn open(&self, user: &UserId) -> Result<(Arc<str>, u64), Unavailable> {
+        let keys = UserKeys::new(user);
+        let mut conn = self.conn.clone();
+        let reply: Value = scripts::OPEN
+            .key(&keys.meta)
+            .arg(random_id("", 16))
+            .arg(self.config.meta_ttl().as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        let epoch = string_at(&reply, 0).ok_or_else(|| Unavailable("no epoch".into()))?;
+        Ok((epoch.into(), int_at(&reply, 1).unwrap_or(0)))
+    }
+
+    /// The user's frames with `from <= seq <= to` that the stream still holds.
+    pub async fn read(&self, user: &UserId, from: u64, to: u64) -> Result<History, Unavailable> {
+        let keys = UserKeys::new(user);
+        let mut conn = self.conn.clone();
+        let reply: Value = scripts::READ
+            .key(&keys.meta)
+            .key(&keys.log)
+            .arg(from.max(1))
+            .arg(to)
+            .invoke_async(&mut conn)
+            .await?;
+        let epoch = string_at(&reply, 0).map(Arc::from);
+        let top = int_at(&reply, 1).unwrap_or(0);
+        let frames = match array_at(&reply, 2) {
+            Some(entries) => entries.iter().filter_map(stream_entry).collect(),
+            None => Vec::new(),
+        };
+        Ok(History { epoch, top, frames })
+    }
+
+    /// Every user's epoch and newest seq, as the meta hashes say (a missing one is made).
+    pub async fn tops(&self, users: Vec<UserId>) -> Result<Vec<Top>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let mut tops = Vec::with_capacity(users.len());
+        for chunk in users.chunks(256) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.cmd("HMGET")
+                    .arg(UserKeys::new(user).meta)
+                    .arg("epoch")
+                    .arg("top");
+            }
+            let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+            for (user, reply) in chunk.iter().zip(replies) {
+                match string_at(&reply, 0) {
+                    Some(epoch) => tops.push(Top {
+                        user: user.clone(),
+                        epoch: epoch.into(),
+                        top: int_at(&reply, 1).unwrap_or(0),
+                    }),
+                    // Lost with Redis's data: a new history begins.
+                    None => {
+                        let (epoch, top) = self.open(user).await?;
+                        tops.push(Top {
+                            user: user.clone(),
+                            epoch,
+                            top,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(tops)
+    }
+
+    /// Asks the node running one of `user`'s runs to cancel it. `Ok(false)`: `user` has no
+    /// such run.
+    pub async fn cancel(&self, user: &UserId, run_id: &str) -> Result<bool, Unavailable> {
+        let keys = UserKeys::new(user);
+        let mut conn = self.conn.clone();
+        let (owner, node, status): (Option<String>, Option<String>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(keys.run(run_id))
+                .arg(&["user", "node", "status"])
+                .query_async(&mut conn)
+                .await?;
+        if owner.as_deref() != Some(user.as_ref()) {
+            return Ok(false);
+        }
+        if let (Some(node), Some("running")) = (node, status.as_deref()) {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(keys::node_control(&node))
+                .arg(format!("cancel {run_id}"))
+                .query_async(&mut conn)
+                .await?;
+        }
+        Ok(true)
+    }
+
+    /// One of `user`'s runs as Redis has it: its record, and its events from the stream.
+    pub async fn inspect(
+        &self,
+        user: &UserId,
+        run_id: &RunId,
+    ) -> Result<Option<RemoteRun>, Unavailable> {
+        let keys = UserKeys::new(user);
+        let mut conn = self.conn.clone();
+        let record: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys.run(run_id))
+            .query_async(&mut conn)
+            .await?;
+        if record.get("user").map(String::as_str) != Some(user.as_ref()) {
+            return Ok(None);
+        }
+        let num = |field: &str| record.get(field).and_then(|v| v.parse::<u64>().ok());
+        let (events, truncated) = match (num("first"), num("last")) {
+            (Some(first), Some(last)) => {
+                let frames = self.read(user, first, last).await?.frames;
+                let truncated = frames.first().is_none_or(|f| f.seq > first);
+                let events = frames.into_iter().filter(|f| f.run_id == *run_id).collect();
+                (events, truncated)
+            }
+            _ => (Vec::new(), false),
+        };
+        let status = record.get("status").and_then(|s| parse_status(s));
+        Ok(Some(RemoteRun {
+            agent: record.get("agent").cloned().unwrap_or_default(),
+            thread_id: record
+                .get("thread")
+                .filter(|t| !t.is_empty())
+                .map(|t| Arc::from(t.as_str())),
+            status,
+            started_at: UNIX_EPOCH + Duration::from_millis(num("started").unwrap_or(0)),
+            ended_at: num("ended").map(|us| UNIX_EPOCH + Duration::from_micros(us)),
+            events,
+            truncated,
+        }))
+    }
+}
+
+fn parse_status(s: &str) -> Option<RunStatus> {
+    Some(match s {
+        "succeeded" => RunStatus::Succeeded,
+        "failed" => RunStatus::Failed,
+        "cancelled" => RunStatus::Cancelled,
+        "timed_out" => RunStatus::TimedOut,
+        _ => return None,
+    })
+}
+
+/// The `&'static` name of an event type.
+fn kind_named(kind: &str) -> Option<&'static str> {
+    EVENT_TYPES.iter().copied().find(|k| *k == kind)
+}
+
+fn micros_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A frame from its stored parts.
+fn frame_from(seq: u64, run_id: &str, kind: &str, emitted_us: &str, tail: &str) -> Option<Frame> {
+    let kind = kind_named(kind)?;
+    let emitted = UNIX_EPOCH + Duration::from_micros(emitted_us.parse().ok()?);
+    Some(Frame::assemble(seq, kind, run_id.into(), tail, emitted))
+}
+
+/// A published message: `epoch \n seq \n run_id \n kind \n emitted_us \n tail`.
+fn parse_published(payload: &str) -> Option<(Arc<str>, Frame)> {
+    let mut parts = payload.splitn(6, '\n');
+    let epoch = parts.next()?;
+    let seq = parts.next()?.parse().ok()?;
+    let (run_id, kind, emitted, tail) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    Some((epoch.into(), frame_from(seq, run_id, kind, emitted, tail)?))
+}
+
+/// A stream entry: `[id "<seq>-0", [field, value, ...]]`.
+fn stream_entry(entry: &Value) -> Option<Frame> {
+    let id = string_at(entry, 0)?;
+    let seq = id.split('-').next()?.parse().ok()?;
+    let fields = array_at(entry, 1)?;
+    let get = |name: &str| -> Option<String> {
+        fields
+            .chunks(2)
+            .find(|kv| as_string(&kv[0]).as_deref() == Some(name))
+            .and_then(|kv| kv.get(1))
+            .and_then(as_string)
+    };
+    let (run_id, kind, emitted, tail) = (get("r")?, get("k")?, get("t")?, get("b")?);
+    frame_from(seq, &run_id, &kind, &emitted, &tail)
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn array_at(v: &Value, i: usize) -> Option<&Vec<Value>> {
+    match v {
+        Value::Array(items) => match items.get(i)? {
+            Value::Array(inner) => Some(inner),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn string_at(v: &Value, i: usize) -> Option<String> {
+    match v {
+        Value::Array(items) => as_string(items.get(i)?),
+        _ => None,
+    }
+}
+
+fn int_at(v: &Value, i: usize) -> Option<u64> {
+    match v {
+        Value::Array(items) => match items.get(i)? {
+            Value::Int(n) => u64::try_from(*n).ok(),
+            other => as_string(other)?.parse().ok(),
+        },
+        _ => None,
+    }
+}
+
+/// The reply's first element, the status word of the scripts.
+fn tag(v: &Value) -> Option<String> {
+    string_at(v, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{encode, EventData};
+
+    #[test]
+    fn a_published_frame_reads_back_as_sent() {
+        let at = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        let data = EventData::AgentThinking {
+            text: "line one\nline two".into(),
+        };
+        let frame = encode(9, &"run_p".into(), Some("th"), at, &data);
+        let payload = format!(
+            "ep\n9\nrun_p\nagent_thinking\n{}\n{}",
+            micros_since_epoch(at),
+            frame.tail()
+        );
+        let (epoch, back) = parse_published(&payload).expect("parses");
+        assert_eq!(&*epoch, "ep");
+        assert_eq!(back.seq, 9);
+        assert_eq!(back.text, frame.text);
+        assert_eq!(back.emitted, at);
+        assert!(parse_published("ep\n9\nrun_p\nnot_a_type\n1\n{}").is_none());
+        assert!(parse_published("ep\nx\nrun_p\nagent_thinking\n1\n{}").is_none());
+    }
+}

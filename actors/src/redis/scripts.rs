@@ -1,0 +1,150 @@
+//! The Lua scripts that make each step on Redis atomic, and how their replies read.
+//!
+//! Every script touches the keys of one user only (one hash slot), except `HEARTBEAT`, which
+//! touches the node table only.
+
+use redis::Script;
+use std::sync::LazyLock;
+
+/// Appends one event: checks its run is still running (a lost node's runs are ended by
+/// another node, and a late event of theirs must not follow that end), skips a retry of an
+/// event already appended (each event of a run has an index), numbers it from the meta
+/// hash, adds it to the stream as `<seq>-0` with an exact MAXLEN, refreshes the TTLs, updates
+/// the run record and publishes it with its epoch and seq. The meta hash is only bumped once
+/// the entry is in, so no seq is ever given out without its event (a false gap). A stream that
+/// is ahead of the meta hash (a failover kept one and not the other) starts a new epoch.
+///
+/// KEYS: meta, log, running, run. ARGV: 1 epoch if none, 2 run id, 3 kind, 4 emitted (us),
+/// 5 tail, 6 maxlen, 7 log ttl (ms), 8 meta ttl (ms), 9 index, 10 tool call id, 11 tool,
+/// 12 end status, 13 channel, 14 this node, 15 run record ttl (ms).
+/// Replies `{"ok", epoch, seq}`, `{"dup"}` or `{"ended"}`.
+pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local meta, log, running, run = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local status = redis.call('HGET', run, 'status')
+if not status then
+  -- Its record went with Redis's data: the run goes on, in the new history.
+  redis.call('HSET', run, 'status', 'running', 'node', ARGV[14], 'n', 0)
+  redis.call('SADD', running, ARGV[2])
+  status = 'running'
+end
+if status ~= 'running' then return {'ended'} end
+local index = tonumber(ARGV[9])
+if index <= tonumber(redis.call('HGET', run, 'n') or '0') then return {'dup'} end
+redis.call('HSETNX', meta, 'epoch', ARGV[1])
+local epoch = redis.call('HGET', meta, 'epoch')
+local seq = tonumber(redis.call('HGET', meta, 'top') or '0') + 1
+if seq == 1 then redis.call('DEL', log) end
+local added = redis.pcall('XADD', log, 'MAXLEN', ARGV[6], seq .. '-0',
+  'r', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'b', ARGV[5])
+if type(added) == 'table' and added.err then
+  redis.call('DEL', log)
+  redis.call('HSET', meta, 'epoch', ARGV[1])
+  epoch = ARGV[1]
+  seq = 1
+  redis.call('XADD', log, 'MAXLEN', ARGV[6], '1-0',
+    'r', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'b', ARGV[5])
+end
+redis.call('HSET', meta, 'top', seq)
+redis.call('PEXPIRE', log, ARGV[7])
+redis.call('PEXPIRE', meta, ARGV[8])
+redis.call('HSET', run, 'n', index, 'last', seq)
+redis.call('HSETNX', run, 'first', seq)
+local kind = ARGV[3]
+if kind == 'tool_executing' then
+  redis.call('HSET', run, 'open:' .. ARGV[10], ARGV[11])
+  redis.call('HINCRBY', run, 'calls', 1)
+elseif kind == 'tool_completed' then
+  redis.call('HDEL', run, 'open:' .. ARGV[10])
+elseif kind == 'agent_completed' then
+  redis.call('HSET', run, 'status', ARGV[12], 'ended', ARGV[4])
+  redis.call('SREM', running, ARGV[2])
+end
+redis.call('PEXPIRE', run, ARGV[15])
+redis.call('PUBLISH', ARGV[13],
+  epoch .. '\n' .. seq .. '\n' .. ARGV[2] .. '\n' .. kind .. '\n' .. ARGV[4] .. '\n' .. ARGV[5])
+return {'ok', epoch, seq}
+"#,
+    )
+});
+
+/// Starts a run if the user's limits allow: `--max-runs-per-user` over every node (the
+/// running set) and `--runs-per-minute` (a token bucket on Redis's clock), then writes its
+/// record.
+///
+/// KEYS: running, starts, run. ARGV: 1 max runs, 2 runs per minute, 3 run id, 4 node,
+/// 5 agent, 6 thread id (empty: none), 7 user, 8 record ttl (ms).
+/// Replies `{"ok"}`, `{"too_many"}` or `{"rate", retry_after_ms}`.
+pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return {'too_many'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cap = tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[2], 'tokens', 'at')
+local tokens = tonumber(b[1]) or cap
+local at = tonumber(b[2]) or now
+tokens = math.min(cap, tokens + math.max(0, now - at) * cap / 60000)
+if tokens < 1 then return {'rate', math.ceil((1 - tokens) * 60000 / cap)} end
+redis.call('HSET', KEYS[2], 'tokens', tostring(tokens - 1), 'at', now)
+redis.call('PEXPIRE', KEYS[2], 120000)
+redis.call('SADD', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+redis.call('HSET', KEYS[3], 'user', ARGV[7], 'node', ARGV[4], 'agent', ARGV[5],
+  'thread', ARGV[6], 'status', 'running', 'started', now, 'n', 0)
+redis.call('PEXPIRE', KEYS[3], ARGV[8])
+return {'ok'}
+"#,
+    )
+});
+
+/// A user's epoch (made if there is none: a new or lost history) and newest seq.
+///
+/// KEYS: meta. ARGV: 1 epoch if none, 2 meta ttl (ms). Replies `{epoch, top}`.
+pub static OPEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'top', 0)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'top')
+return {m[1], tonumber(m[2] or '0')}
+"#,
+    )
+});
+
+/// The user's epoch, newest seq and the stream entries `from..=to`, read at one instant.
+///
+/// KEYS: meta, log. ARGV: 1 from, 2 to. Replies `{epoch or false, top, entries}`.
+pub static READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'top')
+local entries = redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', ARGV[2] .. '-0')
+return {m[1], tonumber(m[2] or '0'), entries}
+"#,
+    )
+});
+
+/// Records this node's heartbeat (Redis's clock) and lists nodes silent for longer than
+/// the node timeout.
+///
+/// KEYS: nodes. ARGV: 1 node, 2 timeout (ms). Replies the lapsed nodes.
+pub static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))
+"#,
+    )
+});
+
+/// All scripts, to load after Redis lost them (a restart).
+pub fn all() -> [&'static Script; 5] {
+    [&APPEND, &CLAIM, &OPEN, &READ, &HEARTBEAT]
+}

@@ -1,0 +1,206 @@
+//! The writer: this node's appends, in order, pipelined, retried until Redis takes them.
+//!
+//! Order matters within a user (the registry admitted a run's events in order, and a
+//! `tool_completed` must not overtake its `tool_executing`), so appends go out one batch at a
+//! time, in queue order. While Redis does not answer, the batch is retried with a growing
+//! pause; an append that did land before its answer was lost is skipped by the script (its
+//! run's index), so nothing is numbered twice. The registry bounds how many wait here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use redis::Value;
+use tokio::sync::mpsc;
+
+use super::keys::{self, UserKeys};
+use super::scripts;
+use super::{micros_since_epoch, string_at, tag, AppendJob, LogNews, RedisLink};
+use crate::metrics::Metrics;
+
+/// Appends sent in one round trip.
+const BATCH: usize = 256;
+
+pub enum Job {
+    Append(AppendJob),
+    /// A lost node's runs have all been ended: forget its run list and heartbeat.
+    ForgetNode(Arc<str>),
+}
+
+pub async fn run(
+    link: RedisLink,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    news: Recipient<LogNews>,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(BATCH);
+    loop {
+        if batch.is_empty() {
+            let Some(job) = jobs.recv().await else {
+                return;
+            };
+            batch.push(job);
+        }
+        while batch.len() < BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut pause = Duration::from_millis(50);
+        let mut refused = 0;
+        loop {
+            match send(&link, &batch).await {
+                Ok(replies) => {
+                    link.set_up(true, &news);
+                    settle(&news, &metrics, std::mem::take(&mut batch), replies);
+                    break;
+                }
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    log::info!("Redis lost its scripts (a restart?): loading them again");
+                    load_scripts(&link).await;
+                }
+                Err(e) if !unreachable(&e) && refused < 3 => {
+                    log::warn!("Redis refused a batch of appends ({e}); retrying");
+                    refused += 1;
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) if !unreachable(&e) => {
+                    // Not Redis being away but Redis saying no, every time: waiting longer
+                    // would stop every run of this node behind this batch.
+                    log::error!("Redis refused {} appends ({e}); they are lost", batch.len());
+                    let n = batch
+                        .drain(..)
+                        .filter(|j| matches!(j, Job::Append(_)))
+                        .count();
+                    news.do_send(LogNews::Settled(n));
+                    break;
+                }
+                Err(e) => {
+                    log::warn!(
+                        "Redis: {} appends wait ({e}); retrying in {} ms",
+                        batch.len(),
+                        pause.as_millis()
+                    );
+                    link.set_up(false, &news);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Redis is away (as opposed to refusing the command).
+fn unreachable(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+pub async fn load_scripts(link: &RedisLink) {
+    let mut conn = link.conn.clone();
+    for script in scripts::all() {
+        if let Err(e) = script.prepare_invoke().load_async(&mut conn).await {
+            log::warn!("Redis: loading a script failed: {e}");
+        }
+    }
+}
+
+async fn send(link: &RedisLink, batch: &[Job]) -> redis::RedisResult<Vec<Value>> {
+    let config = &link.config;
+    let mut pipe = redis::pipe();
+    for job in batch {
+        match job {
+            Job::Append(a) => {
+                let keys = UserKeys::new(&a.user);
+                let (call_id, tool) = a
+                    .call
+                    .as_ref()
+                    .map_or(("", ""), |(c, t)| (c.as_str(), t.as_str()));
+                pipe.cmd("EVALSHA")
+                    .arg(scripts::APPEND.get_hash())
+                    .arg(4)
+                    .arg(&keys.meta)
+                    .arg(&keys.log)
+                    .arg(&keys.running)
+                    .arg(keys.run(&a.draft.run_id))
+                    .arg(crate::ids::random_id("", 16))
+                    .arg(a.draft.run_id.as_ref())
+                    .arg(a.draft.kind)
+                    .arg(micros_since_epoch(a.draft.emitted))
+                    .arg(&a.draft.tail)
+                    .arg(config.log_capacity)
+                    .arg(config.log_ttl.as_millis() as u64)
+                    .arg(config.meta_ttl().as_millis() as u64)
+                    .arg(a.index)
+                    .arg(call_id)
+                    .arg(tool)
+                    .arg(a.ended.map_or("", |s| s.as_str()))
+                    .arg(&keys.channel)
+                    .arg(config.node_id.as_ref())
+                    .arg(config.run_ttl().as_millis() as u64);
+                if a.ended.is_some() {
+                    pipe.cmd("SREM")
+                        .arg(keys::node_runs(&config.node_id))
+                        .arg(format!("{}\n{}", a.user, a.draft.run_id))
+                        .ignore();
+                }
+            }
+            Job::ForgetNode(node) => {
+                pipe.cmd("DEL").arg(keys::node_runs(node)).ignore();
+                pipe.cmd("ZREM")
+                    .arg(keys::NODES)
+                    .arg(node.as_ref())
+                    .ignore();
+            }
+        }
+    }
+    let mut conn = link.conn.clone();
+    pipe.query_async(&mut conn).await
+}
+
+/// Tells the registry what became of each append of a batch.
+fn settle(news: &Recipient<LogNews>, metrics: &Metrics, batch: Vec<Job>, replies: Vec<Value>) {
+    let mut replies = replies.into_iter();
+    let mut settled = 0;
+    for job in batch {
+        let Job::Append(a) = job else {
+            continue;
+        };
+        settled += 1;
+        let Some(reply) = replies.next() else {
+            log::error!("Redis: a pipeline answered fewer appends than it was sent");
+            break;
+        };
+        match tag(&reply).as_deref() {
+            Some("ok") => {
+                let (Some(epoch), Some(seq)) = (string_at(&reply, 1), super::int_at(&reply, 2))
+                else {
+                    log::error!("Redis: unexpected append reply {reply:?}");
+                    continue;
+                };
+                news.do_send(LogNews::Frame {
+                    user: a.user,
+                    epoch: epoch.into(),
+                    frame: a.draft.number(seq),
+                    own: true,
+                });
+            }
+            // Landed before: its frame came, or comes, through the subscription.
+            Some("dup") => metrics.redis_retried.inc(),
+            Some("ended") => {
+                log::info!(
+                    "run {}: ended by another node; its {} is dropped",
+                    a.draft.run_id,
+                    a.draft.kind
+                );
+                news.do_send(LogNews::RunGone(a.draft.run_id));
+            }
+            _ => log::error!("Redis: unexpected append reply {reply:?}"),
+        }
+    }
+    if settled > 0 {
+        news.do_send(LogNews::Settled(settled));
+    }
+}

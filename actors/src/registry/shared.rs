@@ -1,0 +1,762 @@
+//! The registry on a shared log (Redis, PROTOCOL.md section 10).
+//!
+//! The registry's job does not change; where its facts come from does. Events of this node's
+//! runs go to Redis to be numbered ([`RedisLog`]) and come back, like every other node's, as
+//! [`LogNews::Frame`]; each user's [`UserLog`] becomes this node's *window* on the user's
+//! history, kept only while the user has sessions here, and fed in `seq` order by
+//! [`ConnectionRegistry::ingest`]: a duplicate is dropped, a frame ahead of the next `seq`
+//! waits while the gap is read back from the stream. A gap the stream cannot fill (trimmed,
+//! or the history lost) never goes unnoticed: the user's sessions here are closed (1012) and
+//! reconnect to learn of it (`resume_gap`). A check of every followed user against the meta
+//! hashes each second catches a lost *last* message and an epoch that changed.
+//!
+//! Starting, cancelling and inspecting runs ask Redis (cluster-wide limits; runs of other
+//! nodes); a lost node's runs are ended here when this node is the one to notice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::prelude::*;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::event::{Draft, ErrorBody, EventData, Frame, RunStatus};
+use crate::ids::{new_run_id, RunId, UserId};
+use crate::redis::{
+    AppendJob, Claim, History, LogNews, Orphan, RedisConfig, RedisLink, Top, Unavailable,
+};
+use crate::router::*;
+use crate::run::CancelReason;
+
+use super::event_log::{EventLog, LogBudget, UserLog};
+use super::ConnectionRegistry;
+
+/// Frames ahead of a gap kept per user while it is filled; past this the newest are dropped
+/// (the repair reads them back too).
+const EARLY_MAX: usize = 4096;
+/// Frames read back from the stream in one repair.
+const REPAIR_MAX: u64 = 4096;
+/// How often every followed user is checked against the meta hashes.
+const RESYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// The registry's link to Redis and the appends it has in flight.
+pub struct Shared {
+    pub link: RedisLink,
+    /// This node's appends not yet settled: past `max_pending`, runs fail `unavailable`.
+    pub pending: usize,
+    pub max_pending: usize,
+    resyncing: bool,
+}
+
+/// One user's following of the shared log on this node.
+#[derive(Default)]
+pub struct Following {
+    /// Subscribed, and the epoch and newest seq are known.
+    pub synced: bool,
+    /// A follow was asked for and not answered yet.
+    pub asked: bool,
+    /// Connects waiting for the follow.
+    pub waiting: Vec<(Connect, oneshot::Sender<Result<Connected, ConnectRefused>>)>,
+    /// Frames ahead of `last_seq + 1`, waiting for the gap before them to be filled.
+    pub early: BTreeMap<u64, (Arc<str>, Frame)>,
+    /// A read of the stream to fill a gap is under way.
+    pub repairing: bool,
+}
+
+/// The shared log as an [`EventLog`]: appends are queued for Redis to number.
+pub struct RedisLog(pub RedisLink);
+
+impl EventLog for RedisLog {
+    fn open(&mut self, _: &UserId, budget: &LogBudget) -> UserLog {
+        // Epoch and newest seq are learnt when the user is followed.
+        UserLog::new(Arc::from(""), 0, budget)
+    }
+
+    fn append(
+        &mut self,
+        user: &UserId,
+        _: &mut UserLog,
+        draft: Draft,
+        data: &EventData,
+        index: u64,
+    ) -> Option<Frame> {
+        let call = match data {
+            EventData::ToolExecuting {
+                tool_call_id, tool, ..
+            }
+            | EventData::ToolCompleted {
+                tool_call_id, tool, ..
+            } => Some((tool_call_id.clone(), tool.clone())),
+            _ => None,
+        };
+        let ended = match data {
+            EventData::AgentCompleted { status, .. } => Some(*status),
+            _ => None,
+        };
+        self.0.append(AppendJob {
+            user: user.clone(),
+            draft,
+            index,
+            call,
+            ended,
+        });
+        None
+    }
+}
+
+type Answer<T> = ResponseActFuture<ConnectionRegistry, T>;
+
+impl ConnectionRegistry {
+    /// A registry whose event log is on Redis (`--redis-url`).
+    pub fn start_shared(
+        settings: super::RegistrySettings,
+        metrics: Arc<crate::metrics::Metrics>,
+        catalog: Arc<crate::catalog::Catalog>,
+        agents: ArbiterHandle,
+        config: RedisConfig,
+    ) -> Result<Addr<Self>, Unavailable> {
+        let ctx = Context::new();
+        let max_pending = config.max_pending;
+        let link = RedisLink::start(config, ctx.address().recipient(), metrics.clone())?;
+        let mut registry = Self::new(settings, metrics, catalog, agents);
+        registry.log = Box::new(RedisLog(link.clone()));
+        registry.shared = Some(Shared {
+            link,
+            pending: 0,
+            max_pending,
+            resyncing: false,
+        });
+        Ok(ctx.run(registry))
+    }
+
+    pub(super) fn start_resync_timer(&mut self, ctx: &mut Context<Self>) {
+        if self.shared.is_some() {
+            ctx.run_interval(RESYNC_EVERY, |act, ctx| act.resync(ctx));
+        }
+    }
+
+    /// Counts an append handed to Redis; past the bound, the run fails `unavailable`.
+    pub(super) fn note_pending(&mut self, run_id: &RunId) {
+        let Some(shared) = &mut self.shared else {
+            return;
+        };
+        shared.pending += 1;
+        self.metrics.redis_pending.set(shared.pending as i64);
+        if shared.pending > shared.max_pending {
+            log::warn!(
+                "{} events wait for Redis: run {run_id} fails `unavailable`",
+                shared.pending
+            );
+            self.runs.stop(run_id, CancelReason::Unavailable);
+        }
+    }
+
+    /// `Connect` on a shared log: the user is followed first (subscribe, then read the epoch
+    /// and newest seq), and a resume older than the window is read back from the stream.
+    pub(super) fn connect_shared(
+        &mut self,
+        msg: Connect,
+        ctx: &mut Context<Self>,
+    ) -> Answer<Result<Connected, ConnectRefused>> {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return Box::pin(actix::fut::ready(self.join(msg, ctx)));
+        };
+        let user = msg.user.clone();
+        let entry = self.user_entry(&user);
+        entry.idle_since = None;
+        if entry.follow.synced {
+            return self.join_shared(msg, ctx);
+        }
+        let (tx, rx) = oneshot::channel();
+        entry.follow.waiting.push((msg, tx));
+        if !entry.follow.asked {
+            entry.follow.asked = true;
+            link.follow(user);
+        }
+        Box::pin(
+            actix::fut::wrap_future(rx)
+                .map(|answer, _, _| answer.unwrap_or(Err(ConnectRefused::Unavailable))),
+        )
+    }
+
+    fn join_shared(
+        &mut self,
+        msg: Connect,
+        ctx: &mut Context<Self>,
+    ) -> Answer<Result<Connected, ConnectRefused>> {
+        let missing = msg
+            .resume
+            .as_ref()
+            .and_then(|r| self.missing(&msg.user, r.after_seq, u64::MAX, r.epoch.as_deref()));
+        match (missing, self.shared.as_ref()) {
+            (Some((from, to)), Some(shared)) => {
+                let link = shared.link.clone();
+                let user = msg.user.clone();
+                Box::pin(
+                    actix::fut::wrap_future(async move { link.read(&user, from, to).await }).map(
+                        move |read, act: &mut Self, ctx| match read {
+                            Ok(read) => {
+                                act.fill(&msg.user, to, read);
+                                act.join(msg, ctx)
+                            }
+                            Err(e) => {
+                                log::warn!("resume of user {}: {e}", msg.user);
+                                Err(ConnectRefused::Unavailable)
+                            }
+                        },
+                    ),
+                )
+            }
+            _ => Box::pin(actix::fut::ready(self.join(msg, ctx))),
+        }
+    }
+
+    /// `Resume` on a shared log: what the window lacks is read back from the stream first.
+    pub(super) fn resume_shared(
+        &mut self,
+        msg: Resume,
+        ctx: &mut Context<Self>,
+    ) -> Answer<Result<(), ResumeRefused>> {
+        let missing = self.missing(&msg.user, msg.after_seq, msg.upto, msg.epoch.as_deref());
+        match (missing, self.shared.as_ref()) {
+            (Some((from, to)), Some(shared)) => {
+                let link = shared.link.clone();
+                let user = msg.user.clone();
+                Box::pin(
+                    actix::fut::wrap_future(async move { link.read(&user, from, to).await }).map(
+                        move |read, act: &mut Self, ctx| match read {
+                            Ok(read) => {
+                                act.fill(&msg.user, to, read);
+                                act.resume(msg, ctx)
+                            }
+                            Err(e) => {
+                                log::warn!("resume of user {}: {e}", msg.user);
+                                Err(ResumeRefused::Unavailable)
+                            }
+                        },
+                    ),
+                )
+            }
+            _ => Box::pin(actix::fut::ready(self.resume(msg, ctx))),
+        }
+    }
+
+    /// The seqs a resume from `after_seq` (up to `upto`) needs that the window does not hold.
+    fn missing(
+        &self,
+        user: &UserId,
+        after_seq: u64,
+        upto: u64,
+        epoch: Option<&str>,
+    ) -> Option<(u64, u64)> {
+        let log = &self.users.get(user)?.log;
+        if epoch.is_some_and(|e| e != &*log.epoch) || after_seq >= upto.min(log.last_seq) {
+            return None;
+        }
+        match log.frames.oldest_seq() {
+            Some(oldest) if oldest <= after_seq + 1 => None,
+            Some(oldest) => Some((after_seq + 1, oldest - 1)),
+            None => Some((after_seq + 1, log.last_seq)),
+        }
+    }
+
+    /// Puts frames read back from the stream in front of the window, if they reach it.
+    fn fill(&mut self, user: &UserId, to: u64, History { epoch, frames, .. }: History) {
+        let Some(entry) = self.users.get_mut(user) else {
+            return;
+        };
+        if epoch.as_deref() != Some(&*entry.log.epoch) {
+            // A new history: the next resync closes this user's sessions.
+            return;
+        }
+        let reach = entry
+            .log
+            .frames
+            .oldest_seq()
+            .map_or(entry.log.last_seq, |oldest| oldest - 1);
+        let frames: Vec<Frame> = frames
+            .into_iter()
+            .filter(|f| f.seq <= reach.min(to))
+            .collect();
+        if frames.last().map(|f| f.seq) != Some(reach) {
+            return;
+        }
+        let change = entry.log.frames.prepend(frames, Instant::now());
+        self.log_bytes.account(change, "user_limit", &self.metrics);
+    }
+
+    /// `StartRun` on a shared log: the user's limits are claimed on Redis, over every node.
+    pub(super) fn claim_shared(
+        &mut self,
+        msg: StartRun,
+        checked: super::CheckedStart,
+    ) -> Answer<Result<RunId, StartRefused>> {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return Box::pin(actix::fut::ready(Err(StartRefused::Unavailable)));
+        };
+        let (max_runs, per_minute) = (
+            self.settings.max_runs_per_user,
+            self.settings.runs_per_minute,
+        );
+        let run_id = new_run_id();
+        let (user, agent, thread_id) = (msg.user.clone(), msg.agent.clone(), msg.thread_id.clone());
+        let claim_id = run_id.clone();
+        Box::pin(
+            actix::fut::wrap_future(async move {
+                link.claim(
+                    &user,
+                    &claim_id,
+                    &agent,
+                    thread_id.as_deref(),
+                    max_runs,
+                    per_minute,
+                )
+                .await
+            })
+            .map(move |claim, act: &mut Self, ctx| match claim {
+                Ok(Claim::Granted) => Ok(act.launch(run_id, msg, checked, ctx)),
+                Ok(Claim::TooMany) => Err(StartRefused::TooManyRuns(max_runs)),
+                Ok(Claim::RateLimited { retry_after_ms }) => {
+                    Err(StartRefused::RateLimited { retry_after_ms })
+                }
+                Err(e) => {
+                    log::warn!("run start of user {}: {e}", msg.user);
+                    Err(StartRefused::Unavailable)
+                }
+            }),
+        )
+    }
+
+    /// `CancelRun` of a run that is not this node's: the owning node is asked through Redis.
+    pub(super) fn cancel_shared(&mut self, msg: CancelRun) -> Answer<Result<(), CancelRefused>> {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return Box::pin(actix::fut::ready(Err(CancelRefused::NotFound)));
+        };
+        Box::pin(actix::fut::wrap_future(async move {
+            match link.cancel(&msg.user, &msg.run_id).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(CancelRefused::NotFound),
+                Err(e) => {
+                    log::warn!("cancel of run {}: {e}", msg.run_id);
+                    Err(CancelRefused::Unavailable)
+                }
+            }
+        }))
+    }
+
+    /// `InspectRun` on a shared log: the record and events are read from Redis, so any node
+    /// answers for any run.
+    pub(super) fn inspect_shared(
+        &mut self,
+        msg: InspectRun,
+        ctx: &mut Context<Self>,
+    ) -> Answer<Result<RunView, InspectRefused>> {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return Box::pin(actix::fut::ready(Err(InspectRefused::NotFound)));
+        };
+        let entry = self.user_entry(&msg.user);
+        if entry.inspecting >= super::INSPECTS_PER_USER {
+            return Box::pin(actix::fut::ready(Err(InspectRefused::Busy(
+                super::INSPECTS_PER_USER,
+            ))));
+        }
+        entry.inspecting += 1;
+        let lease = InspectLease::new(msg.user.clone(), ctx.address().recipient());
+        Box::pin(actix::fut::wrap_future(async move {
+            let run_id: RunId = msg.run_id.as_str().into();
+            match link.inspect(&msg.user, &run_id).await {
+                Ok(Some(run)) => Ok(RunView {
+                    run_id,
+                    agent: run.agent,
+                    thread_id: run.thread_id,
+                    status: run.status,
+                    started_at: run.started_at,
+                    ended_at: run.ended_at,
+                    events: run.events,
+                    truncated: run.truncated,
+                    lease,
+                }),
+                Ok(None) => Err(InspectRefused::NotFound),
+                Err(e) => {
+                    log::warn!("run view of {run_id}: {e}");
+                    Err(InspectRefused::Unavailable)
+                }
+            }
+        }))
+    }
+
+    /// Feeds one numbered frame to the user's window, in `seq` order. `own`: the answer to
+    /// one of this node's appends (not a copy from a subscription).
+    fn ingest(
+        &mut self,
+        user: UserId,
+        epoch: Arc<str>,
+        frame: Frame,
+        own: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        self.runs.note_seq(&frame.run_id, frame.seq);
+        let Some(entry) = self.users.get_mut(&user) else {
+            return;
+        };
+        if !entry.follow.synced {
+            if entry.follow.asked && entry.follow.early.len() < EARLY_MAX {
+                entry.follow.early.insert(frame.seq, (epoch, frame));
+            }
+            return;
+        }
+        if epoch != entry.log.epoch {
+            self.lose_history(
+                &user,
+                epoch.clone(),
+                0,
+                "its history was lost (a new epoch)",
+            );
+        }
+        let Some(entry) = self.users.get_mut(&user) else {
+            return;
+        };
+        let last = entry.log.last_seq;
+        if frame.seq <= last {
+            // Usually its copy from the subscription came first. A *different* frame under a
+            // seq this node already has means Redis gave the seq out again: it lost its newest
+            // events (a failover) and kept the epoch.
+            let reused = own
+                && entry
+                    .log
+                    .frames
+                    .get(frame.seq)
+                    .is_some_and(|kept| kept.text != frame.text);
+            if reused {
+                let at = frame.seq - 1;
+                self.lose_history(&user, epoch.clone(), at, "Redis gave out a seq again");
+                self.ingest(user, epoch, frame, own, ctx);
+            }
+            return;
+        }
+        if frame.seq == last + 1 {
+            self.append(&user, frame, ctx);
+            self.drain_early(&user, ctx);
+            return;
+        }
+        entry.follow.early.insert(frame.seq, (epoch, frame));
+        if entry.follow.early.len() > EARLY_MAX {
+            entry.follow.early.pop_last();
+        }
+        self.repair(&user, ctx);
+    }
+
+    /// Appends the waiting frames that now follow on.
+    fn drain_early(&mut self, user: &UserId, ctx: &mut Context<Self>) {
+        loop {
+            let Some(entry) = self.users.get_mut(user) else {
+                return;
+            };
+            let last = entry.log.last_seq;
+            let Some(entry_seq) = entry.follow.early.keys().next().copied() else {
+                return;
+            };
+            if entry_seq > last + 1 {
+                return;
+            }
+            let Some((epoch, frame)) = entry.follow.early.remove(&entry_seq) else {
+                return;
+            };
+            if entry_seq == last + 1 && epoch == entry.log.epoch {
+                self.append(user, frame, ctx);
+            }
+        }
+    }
+
+    /// Reads the frames after the window's last from the stream.
+    fn repair(&mut self, user: &UserId, ctx: &mut Context<Self>) {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return;
+        };
+        let Some(entry) = self.users.get_mut(user) else {
+            return;
+        };
+        if entry.follow.repairing || !entry.follow.synced {
+            return;
+        }
+        entry.follow.repairing = true;
+        let from = entry.log.last_seq + 1;
+        let to = entry
+            .follow
+            .early
+            .keys()
+            .next()
+            .map_or(u64::MAX, |first| first - 1)
+            .min(from + REPAIR_MAX - 1);
+        self.metrics.redis_repairs.inc();
+        let user = user.clone();
+        ctx.spawn(
+            actix::fut::wrap_future({
+                let user = user.clone();
+                async move { link.read(&user, from, to).await }
+            })
+            .map(move |read, act: &mut Self, ctx| act.repaired(user, from, read, ctx)),
+        );
+    }
+
+    fn repaired(
+        &mut self,
+        user: UserId,
+        from: u64,
+        read: Result<History, Unavailable>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(entry) = self.users.get_mut(&user) else {
+            return;
+        };
+        entry.follow.repairing = false;
+        // Unreachable: the next resync tries again. No epoch: the history is gone, and the
+        // next resync opens the new one.
+        let Ok(History {
+            epoch: Some(epoch),
+            top,
+            frames,
+        }) = read
+        else {
+            return;
+        };
+        let first = frames.first().map(|f| f.seq);
+        for frame in frames {
+            self.ingest(user.clone(), epoch.clone(), frame, false, ctx);
+        }
+        let Some(entry) = self.users.get_mut(&user) else {
+            return;
+        };
+        let last = entry.log.last_seq;
+        let wanted = entry
+            .follow
+            .early
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(top + 1)
+            .min(top + 1);
+        if last + 1 >= wanted || epoch != entry.log.epoch {
+            return;
+        }
+        if first.is_none_or(|first| first > from) && last < from {
+            // The stream no longer has what the window lacks: not a silent gap.
+            let resume_at = first.map_or(wanted, |f| f).saturating_sub(1);
+            self.lose_history(
+                &user,
+                epoch,
+                resume_at,
+                "events it missed are gone from Redis",
+            );
+            self.drain_early(&user, ctx);
+        }
+        self.repair(&user, ctx);
+    }
+
+    /// The window cannot go on from where it is: every session of the user here is closed
+    /// (1012) to reconnect and learn of the gap, and the window starts again at `last_seq`.
+    fn lose_history(&mut self, user: &UserId, epoch: Arc<str>, last_seq: u64, why: &str) {
+        let Some(entry) = self.users.get_mut(user) else {
+            return;
+        };
+        log::warn!(
+            "user {user}: {why}; closing its {} connections here",
+            entry.sessions.len()
+        );
+        for s in entry.sessions.drain(..) {
+            entry.cut.insert(s.key);
+            s.cut(Push::Close(Goodbye::HistoryLost));
+        }
+        let change = entry.log.frames.clear();
+        entry.log.epoch = epoch;
+        entry.log.last_seq = last_seq;
+        entry.log.assigned_seq = last_seq;
+        let current = entry.log.epoch.clone();
+        entry
+            .follow
+            .early
+            .retain(|seq, (e, _)| *seq > last_seq && *e == current);
+        self.log_bytes.account(change, "age", &self.metrics);
+    }
+
+    /// Checks every followed user against the meta hashes.
+    fn resync(&mut self, ctx: &mut Context<Self>) {
+        let Some(shared) = &mut self.shared else {
+            return;
+        };
+        if shared.resyncing {
+            return;
+        }
+        let users: Vec<UserId> = self
+            .users
+            .iter()
+            .filter(|(_, e)| e.follow.synced)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if users.is_empty() {
+            return;
+        }
+        shared.resyncing = true;
+        let link = shared.link.clone();
+        ctx.spawn(
+            actix::fut::wrap_future(async move { link.tops(users).await }).map(
+                |tops, act: &mut Self, ctx| {
+                    if let Some(shared) = &mut act.shared {
+                        shared.resyncing = false;
+                    }
+                    if let Ok(tops) = tops {
+                        for top in tops {
+                            act.check_top(top, ctx);
+                        }
+                    }
+                },
+            ),
+        );
+    }
+
+    fn check_top(&mut self, Top { user, epoch, top }: Top, ctx: &mut Context<Self>) {
+        let Some(entry) = self.users.get_mut(&user) else {
+            return;
+        };
+        if !entry.follow.synced {
+            return;
+        }
+        // (`top` below this node's `last_seq` says nothing: the snapshot is older than what
+        // was ingested since. A failover that lost the newest events under the same epoch
+        // shows as a seq given out again; see `ingest`.)
+        if epoch != entry.log.epoch {
+            self.lose_history(&user, epoch, 0, "its history was lost (a new epoch)");
+        }
+        if self.users.get(&user).is_some_and(|e| top > e.log.last_seq) {
+            self.repair(&user, ctx);
+        }
+    }
+
+    /// Ends a lost node's runs: `tool_completed ok:false` for each open call, then
+    /// `agent_completed` `failed` `node_lost`.
+    fn end_orphans(&mut self, node: Arc<str>, runs: Vec<Orphan>) {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return;
+        };
+        let now = SystemTime::now();
+        for orphan in runs {
+            log::warn!(
+                "run {} of user {}: its node {node} is lost; ending it",
+                orphan.run_id,
+                orphan.user
+            );
+            let lost = || {
+                ErrorBody::new(
+                    "node_lost",
+                    format!("the node running this run ({node}) was lost"),
+                )
+            };
+            let mut events: Vec<EventData> = orphan
+                .open_calls
+                .iter()
+                .map(|(call_id, tool)| EventData::ToolCompleted {
+                    tool_call_id: call_id.clone(),
+                    tool: tool.clone(),
+                    ok: false,
+                    result: Value::Null,
+                    error: Some(lost()),
+                    duration_ms: 0,
+                })
+                .collect();
+            let started = std::time::UNIX_EPOCH + Duration::from_millis(orphan.started_ms);
+            events.push(EventData::AgentCompleted {
+                status: RunStatus::Failed,
+                result: Value::Null,
+                error: Some(lost()),
+                duration_ms: now
+                    .duration_since(started)
+                    .map_or(0, |d| d.as_millis() as u64),
+                usage: serde_json::json!({ "tool_calls": orphan.tool_calls }),
+            });
+            for (k, data) in events.iter().enumerate() {
+                let draft = Draft::new(&orphan.run_id, orphan.thread_id.as_deref(), now, data);
+                self.metrics.emitted(data).inc();
+                RedisLog(link.clone()).append(
+                    &orphan.user,
+                    &mut UserLog::new(Arc::from(""), 0, &self.budget),
+                    draft,
+                    data,
+                    orphan.index + 1 + k as u64,
+                );
+            }
+            self.metrics.runs_node_lost.inc();
+            self.metrics.run_ended(RunStatus::Failed.as_str());
+        }
+        link.forget_node(node);
+    }
+}
+
+impl Handler<LogNews> for ConnectionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, news: LogNews, ctx: &mut Context<Self>) {
+        match news {
+            LogNews::Frame {
+                user,
+                epoch,
+                frame,
+                own,
+            } => self.ingest(user, epoch, frame, own, ctx),
+            LogNews::Settled(n) => {
+                if let Some(shared) = &mut self.shared {
+                    shared.pending = shared.pending.saturating_sub(n);
+                    self.metrics.redis_pending.set(shared.pending as i64);
+                }
+                self.maybe_finish_shutdown();
+            }
+            LogNews::RunGone(run_id) => {
+                self.runs.stop(&run_id, CancelReason::NodeLost);
+            }
+            LogNews::Followed { user, epoch, top } => {
+                let Some(entry) = self.users.get_mut(&user) else {
+                    if let Some(shared) = &self.shared {
+                        shared.link.unfollow(user);
+                    }
+                    return;
+                };
+                entry.follow.asked = false;
+                entry.follow.synced = true;
+                entry.log.epoch = epoch;
+                entry.log.last_seq = top;
+                entry.log.assigned_seq = top;
+                let early = std::mem::take(&mut entry.follow.early);
+                let waiting = std::mem::take(&mut entry.follow.waiting);
+                for (_, (epoch, frame)) in early {
+                    self.ingest(user.clone(), epoch, frame, false, ctx);
+                }
+                for (connect, answer) in waiting {
+                    let join = self.join_shared(connect, ctx);
+                    ctx.spawn(join.map(|result, _, _| {
+                        let _ = answer.send(result);
+                    }));
+                }
+            }
+            LogNews::FollowFailed(user) => {
+                if let Some(entry) = self.users.get_mut(&user) {
+                    if !entry.follow.synced {
+                        entry.follow.asked = false;
+                        entry.follow.early.clear();
+                        for (_, answer) in entry.follow.waiting.drain(..) {
+                            let _ = answer.send(Err(ConnectRefused::Unavailable));
+                        }
+                        if let Some(shared) = &self.shared {
+                            shared.link.unfollow(user);
+                        }
+                    }
+                }
+            }
+            LogNews::Resync => self.resync(ctx),
+            LogNews::Cancel(run_id) => {
+                self.runs.stop(&run_id, CancelReason::Requested);
+            }
+            LogNews::Orphans { node, runs } => self.end_orphans(node, runs),
+            LogNews::Up(up) => self.metrics.redis_up.set(up as i64),
+        }
+    }
+}
