@@ -138,6 +138,11 @@ pub struct Config {
     #[arg(long, env = "AGENTCAST_NODE_TIMEOUT_MS", default_value_t = 10_000)]
     pub node_timeout_ms: u64,
 
+    /// Events of this node's runs that may wait for an unreachable Redis; past it, runs end
+    /// `failed` with code `unavailable` (with `--redis-url`).
+    #[arg(long, env = "AGENTCAST_REDIS_MAX_PENDING", default_value_t = 50_000)]
+    pub redis_max_pending: usize,
+
     /// Interval of server pings and `heartbeat` frames.
     #[arg(
         long,
@@ -206,6 +211,7 @@ impl Default for Config {
             redis_url: None,
             node_id: None,
             node_timeout_ms: 10_000,
+            redis_max_pending: 50_000,
             heartbeat_interval_ms: 10_000,
             idle_timeout_ms: 30_000,
             workers: 0,
@@ -370,6 +376,7 @@ impl Config {
         for (name, v) in [
             ("run-timeout-ms", self.run_timeout_ms),
             ("node-timeout-ms", self.node_timeout_ms),
+            ("redis-max-pending", self.redis_max_pending as u64),
             ("max-runs-per-user", self.max_runs_per_user as u64),
             ("replay-capacity", self.replay_capacity as u64),
             ("replay-ttl-secs", self.replay_ttl_secs),

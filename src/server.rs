@@ -16,9 +16,6 @@ use agentcast_actors::metrics::Metrics;
 use agentcast_actors::redis::RedisConfig;
 use agentcast_actors::registry::{ConnectionRegistry, RegistrySettings};
 
-/// Events of this node's runs that may wait for an unreachable Redis before runs fail
-/// `unavailable` (PROTOCOL.md section 10): about 10 s of a busy node's output.
-const REDIS_MAX_PENDING: usize = 50_000;
 use agentcast_actors::router::{Router, Shutdown};
 use agentcast_actors::session::SessionSettings;
 
@@ -106,7 +103,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
                 log_capacity: config.replay_capacity,
                 log_ttl: Duration::from_secs(config.replay_ttl_secs),
                 run_timeout: config.run_timeout(),
-                max_pending: REDIS_MAX_PENDING,
+                max_pending: config.redis_max_pending,
             };
             ConnectionRegistry::start_shared(
                 settings,
