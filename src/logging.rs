@@ -4,7 +4,18 @@
 //! could write an ERROR line per request. Those lines are logged at DEBUG instead. Every other
 //! record is passed on as it is.
 
+use std::io::Write;
+use std::sync::OnceLock;
+
 use log::{Level, Log, Metadata, Record};
+
+/// The node's id, once it serves on a shared Redis: every line then says which node wrote it.
+static NODE: OnceLock<String> = OnceLock::new();
+
+/// Names the node in every log line from now on (`--node-id`, section 10).
+pub fn set_node(id: &str) {
+    let _ = NODE.set(id.to_string());
+}
 
 /// The target and message start of actix-http's log line for a request it could not parse.
 const PARSE_ERROR_TARGET: &str = "actix_http::h1::dispatcher";
@@ -51,8 +62,27 @@ impl Log for Logger {
 
 /// Installs the logger; a second call does nothing.
 pub fn init() {
-    let inner =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    let inner = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            let ts = buf.timestamp();
+            match NODE.get() {
+                Some(node) => writeln!(
+                    buf,
+                    "[{ts} {:<5} {node} {}] {}",
+                    record.level(),
+                    record.target(),
+                    record.args()
+                ),
+                None => writeln!(
+                    buf,
+                    "[{ts} {:<5} {}] {}",
+                    record.level(),
+                    record.target(),
+                    record.args()
+                ),
+            }
+        })
+        .build();
     let max = inner.filter();
     if log::set_boxed_logger(Box::new(Logger { inner })).is_ok() {
         log::set_max_level(max);

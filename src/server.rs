@@ -95,6 +95,8 @@ pub async fn start(config: Config) -> io::Result<Started> {
         }
         Some(url) => {
             let node_id = config.node_id();
+            crate::logging::set_node(&node_id);
+            metrics.node_info.with_label_values(&[&node_id]).set(1);
             log::info!("node {node_id}: events go through Redis (section 10)");
             let redis = RedisConfig {
                 url: url.clone(),

@@ -3,8 +3,8 @@
 //! and per-event-type counters are resolved once so the hot path does no label lookups.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::event::EventData;
@@ -53,6 +53,8 @@ pub struct Metrics {
     pub redis_repairs: IntCounter,
     /// Runs of lost nodes this node ended (`node_lost`).
     pub runs_node_lost: IntCounter,
+    /// 1, labelled with this node's `--node-id` (with `--redis-url`).
+    pub node_info: IntGaugeVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -156,6 +158,14 @@ impl Metrics {
                 "agentcast_redis_gap_repairs_total",
                 "Gaps in the pub/sub feed filled from the users' streams.",
             ),
+            node_info: {
+                let g = must(IntGaugeVec::new(
+                    Opts::new("agentcast_node_info", "This node (with --redis-url): 1, by node_id."),
+                    &["node_id"],
+                ));
+                reg(Box::new(g.clone()));
+                g
+            },
             runs_node_lost: counter(
                 "agentcast_runs_node_lost_total",
                 "Runs of lost nodes this node ended with node_lost.",

@@ -4,10 +4,15 @@
 //! reaper key) reads the lost node's open runs and hands them to its registry, which ends
 //! each with `tool_completed ok:false` for every open call and `agent_completed` `failed`
 //! `node_lost`; then the lost node is forgotten.
+//!
+//! A node only judges others after it has itself been heard by Redis without a break for a
+//! whole node timeout: after Redis was away from *every* node (a long pause, a restart),
+//! all heartbeats are old at once, and the first node back must not take the others, alive
+//! and beating again within a quarter timeout, for lost.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -18,11 +23,18 @@ pub async fn run(link: RedisLink, news: Recipient<LogNews>) {
     let every = (link.config.node_timeout / 4).max(Duration::from_millis(50));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Since when this node's heartbeats have landed without a break (`None`: the last failed).
+    let mut heard_since: Option<Instant> = None;
     loop {
         tick.tick().await;
+        let sent = Instant::now();
         match beat(&link).await {
             Ok(lapsed) => {
                 link.set_up(true, &news);
+                let since = *heard_since.get_or_insert(sent);
+                if since.elapsed() < link.config.node_timeout {
+                    continue;
+                }
                 for node in lapsed {
                     if *node != *link.config.node_id {
                         if let Err(e) = reap(&link, &news, node.clone()).await {
@@ -33,6 +45,7 @@ pub async fn run(link: RedisLink, news: Recipient<LogNews>) {
             }
             Err(e) => {
                 log::debug!("Redis heartbeat failed: {e}");
+                heard_since = None;
                 link.set_up(false, &news);
             }
         }
