@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 ///
 /// KEYS: meta, log, running, run. ARGV: 1 epoch if none, 2 run id, 3 kind, 4 emitted (us),
 /// 5 tail, 6 maxlen, 7 log ttl (ms), 8 meta ttl (ms), 9 index, 10 tool call id, 11 tool,
-/// 12 end status, 13 channel, 14 this node, 15 run record ttl (ms).
+/// 12 end status, 13 channel, 14 this node, 15 run record ttl (ms), 16 user.
 /// Replies `{"ok", epoch, seq}`, `{"dup"}` or `{"ended"}`.
 pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -25,7 +25,7 @@ local meta, log, running, run = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local status = redis.call('HGET', run, 'status')
 if not status then
   -- Its record went with Redis's data: the run goes on, in the new history.
-  redis.call('HSET', run, 'status', 'running', 'node', ARGV[14], 'n', 0)
+  redis.call('HSET', run, 'status', 'running', 'node', ARGV[14], 'n', 0, 'user', ARGV[16])
   redis.call('SADD', running, ARGV[2])
   status = 'running'
 end

@@ -139,7 +139,8 @@ async fn send(link: &RedisLink, batch: &[Job]) -> redis::RedisResult<Vec<Value>>
                     .arg(a.ended.map_or("", |s| s.as_str()))
                     .arg(&keys.channel)
                     .arg(config.node_id.as_ref())
-                    .arg(config.run_ttl().as_millis() as u64);
+                    .arg(config.run_ttl().as_millis() as u64)
+                    .arg(a.user.as_ref());
                 if a.ended.is_some() {
                     pipe.cmd("SREM")
                         .arg(keys::node_runs(&config.node_id))
