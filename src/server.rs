@@ -103,6 +103,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
                 node_id: node_id.into(),
                 node_timeout: Duration::from_millis(config.node_timeout_ms),
                 log_capacity: config.replay_capacity,
+                log_max_bytes: config.replay_user_max_bytes,
                 log_ttl: Duration::from_secs(config.replay_ttl_secs),
                 run_timeout: config.run_timeout(),
                 max_pending: config.redis_max_pending,

@@ -2,7 +2,7 @@
 //! Redis serve as one server.
 //!
 //! Per user, Redis holds a meta hash (epoch, newest seq), a stream of frames (entry id
-//! `<seq>-0`, exact MAXLEN, TTL), the set of the user's running runs and one record per run;
+//! `<seq>-0`, trimmed to a count and bytes per user, TTL), the set of the user's running runs and one record per run;
 //! a Lua script per append numbers the event, adds it to the stream and publishes it on the
 //! user's channel, so live delivery and replay agree on `seq` ([`scripts`]). Every node
 //! subscribes to the channels of the users it has sessions for.
@@ -48,8 +48,10 @@ pub struct RedisConfig {
     pub node_id: Arc<str>,
     /// A node silent for this long is taken for dead and its runs are ended.
     pub node_timeout: Duration,
-    /// Frames kept per user (the stream's MAXLEN): `--replay-capacity`.
+    /// Frames kept per user (the stream's length): `--replay-capacity`.
     pub log_capacity: usize,
+    /// Bytes of frames kept per user in the stream: `--replay-user-max-bytes`.
+    pub log_max_bytes: usize,
     /// How long a user's stream lives after its last event: `--replay-ttl-secs`.
     pub log_ttl: Duration,
     /// Longest a run may take (`--run-timeout-secs`): its record outlives it.

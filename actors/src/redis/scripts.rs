@@ -9,14 +9,16 @@ use std::sync::LazyLock;
 /// Appends one event: checks its run is still running (a lost node's runs are ended by
 /// another node, and a late event of theirs must not follow that end), skips a retry of an
 /// event already appended (each event of a run has an index), numbers it from the meta
-/// hash, adds it to the stream as `<seq>-0` with an exact MAXLEN, refreshes the TTLs, updates
+/// hash, adds it to the stream as `<seq>-0`, trims the stream's oldest entries to the count
+/// and byte bounds (`--replay-capacity`, `--replay-user-max-bytes`: one user cannot fill
+/// Redis; the newest entry always stays), refreshes the TTLs, updates
 /// the run record and publishes it with its epoch and seq. The meta hash is only bumped once
 /// the entry is in, so no seq is ever given out without its event (a false gap). A stream that
 /// is ahead of the meta hash (a failover kept one and not the other) starts a new epoch.
 ///
 /// KEYS: meta, log, running, run. ARGV: 1 epoch if none, 2 run id, 3 kind, 4 emitted (us),
 /// 5 tail, 6 maxlen, 7 log ttl (ms), 8 meta ttl (ms), 9 index, 10 tool call id, 11 tool,
-/// 12 end status, 13 channel, 14 this node, 15 run record ttl (ms), 16 user.
+/// 12 end status, 13 channel, 14 this node, 15 run record ttl (ms), 16 user, 17 max bytes.
 /// Replies `{"ok", epoch, seq}`, `{"dup"}` or `{"ended"}`.
 pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -36,15 +38,32 @@ redis.call('HSETNX', meta, 'epoch', ARGV[1])
 local epoch = redis.call('HGET', meta, 'epoch')
 local seq = tonumber(redis.call('HGET', meta, 'top') or '0') + 1
 if seq == 1 then redis.call('DEL', log) end
-local added = redis.pcall('XADD', log, 'MAXLEN', ARGV[6], seq .. '-0',
+-- The stream's bytes, as the budget counts them, live in the meta hash; an empty (or
+-- expired) stream holds none.
+if redis.call('XLEN', log) == 0 then redis.call('HSET', meta, 'bytes', 0) end
+local added = redis.pcall('XADD', log, seq .. '-0',
   'r', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'b', ARGV[5])
 if type(added) == 'table' and added.err then
   redis.call('DEL', log)
-  redis.call('HSET', meta, 'epoch', ARGV[1])
+  redis.call('HSET', meta, 'epoch', ARGV[1], 'bytes', 0)
   epoch = ARGV[1]
   seq = 1
-  redis.call('XADD', log, 'MAXLEN', ARGV[6], '1-0',
-    'r', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'b', ARGV[5])
+  redis.call('XADD', log, '1-0', 'r', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'b', ARGV[5])
+end
+local bytes = redis.call('HINCRBY', meta, 'bytes', string.len(ARGV[5]) + 96)
+local maxlen, maxbytes = tonumber(ARGV[6]), tonumber(ARGV[17])
+local len = redis.call('XLEN', log)
+while len > 1 and (len > maxlen or bytes > maxbytes) do
+  local oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
+  if not oldest then break end
+  local cost = 96
+  local f = oldest[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'b' then cost = string.len(f[i + 1]) + 96 end
+  end
+  redis.call('XDEL', log, oldest[1])
+  bytes = redis.call('HINCRBY', meta, 'bytes', -cost)
+  len = len - 1
 end
 redis.call('HSET', meta, 'top', seq)
 redis.call('PEXPIRE', log, ARGV[7])

@@ -140,7 +140,8 @@ async fn send(link: &RedisLink, batch: &[Job]) -> redis::RedisResult<Vec<Value>>
                     .arg(&keys.channel)
                     .arg(config.node_id.as_ref())
                     .arg(config.run_ttl().as_millis() as u64)
-                    .arg(a.user.as_ref());
+                    .arg(a.user.as_ref())
+                    .arg(config.log_max_bytes);
                 if a.ended.is_some() {
                     pipe.cmd("SREM")
                         .arg(keys::node_runs(&config.node_id))

@@ -59,9 +59,59 @@ pub struct Following {
     /// Connects waiting for the follow.
     pub waiting: Vec<(Connect, oneshot::Sender<Result<Connected, ConnectRefused>>)>,
     /// Frames ahead of `last_seq + 1`, waiting for the gap before them to be filled.
-    pub early: BTreeMap<u64, (Arc<str>, Frame)>,
+    pub early: Early,
     /// A read of the stream to fill a gap is under way.
     pub repairing: bool,
+}
+
+/// Frames that arrived ahead of the next `seq`, bounded by count and bytes: past either,
+/// the newest are dropped (the repair reads them back from the stream).
+#[derive(Default)]
+pub struct Early {
+    frames: BTreeMap<u64, (Arc<str>, Frame)>,
+    bytes: usize,
+}
+
+impl Early {
+    fn insert(&mut self, epoch: Arc<str>, frame: Frame, max_bytes: usize) {
+        let cost = crate::replay::cost(&frame);
+        if let Some((_, old)) = self.frames.insert(frame.seq, (epoch, frame)) {
+            self.bytes -= crate::replay::cost(&old);
+        }
+        self.bytes += cost;
+        while self.frames.len() > EARLY_MAX || self.bytes > max_bytes {
+            let Some((_, (_, dropped))) = self.frames.pop_last() else {
+                break;
+            };
+            self.bytes -= crate::replay::cost(&dropped);
+        }
+    }
+
+    fn first_seq(&self) -> Option<u64> {
+        self.frames.keys().next().copied()
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<(Arc<str>, Frame)> {
+        let removed = self.frames.remove(&seq)?;
+        self.bytes -= crate::replay::cost(&removed.1);
+        Some(removed)
+    }
+
+    fn take(&mut self) -> BTreeMap<u64, (Arc<str>, Frame)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.frames)
+    }
+
+    /// Keeps the frames past `last_seq` of `epoch`.
+    fn keep_after(&mut self, last_seq: u64, epoch: &Arc<str>) {
+        let kept = self.take();
+        for (seq, (e, frame)) in kept {
+            if seq > last_seq && e == *epoch {
+                self.bytes += crate::replay::cost(&frame);
+                self.frames.insert(seq, (e, frame));
+            }
+        }
+    }
 }
 
 /// The shared log as an [`EventLog`]: appends are queued for Redis to number.
@@ -401,8 +451,11 @@ impl ConnectionRegistry {
             return;
         };
         if !entry.follow.synced {
-            if entry.follow.asked && entry.follow.early.len() < EARLY_MAX {
-                entry.follow.early.insert(frame.seq, (epoch, frame));
+            if entry.follow.asked {
+                entry
+                    .follow
+                    .early
+                    .insert(epoch, frame, self.budget.user_max_bytes);
             }
             return;
         }
@@ -440,10 +493,10 @@ impl ConnectionRegistry {
             self.drain_early(&user, ctx);
             return;
         }
-        entry.follow.early.insert(frame.seq, (epoch, frame));
-        if entry.follow.early.len() > EARLY_MAX {
-            entry.follow.early.pop_last();
-        }
+        entry
+            .follow
+            .early
+            .insert(epoch, frame, self.budget.user_max_bytes);
         self.repair(&user, ctx);
     }
 
@@ -454,13 +507,13 @@ impl ConnectionRegistry {
                 return;
             };
             let last = entry.log.last_seq;
-            let Some(entry_seq) = entry.follow.early.keys().next().copied() else {
+            let Some(entry_seq) = entry.follow.early.first_seq() else {
                 return;
             };
             if entry_seq > last + 1 {
                 return;
             }
-            let Some((epoch, frame)) = entry.follow.early.remove(&entry_seq) else {
+            let Some((epoch, frame)) = entry.follow.early.remove(entry_seq) else {
                 return;
             };
             if entry_seq == last + 1 && epoch == entry.log.epoch {
@@ -485,8 +538,7 @@ impl ConnectionRegistry {
         let to = entry
             .follow
             .early
-            .keys()
-            .next()
+            .first_seq()
             .map_or(u64::MAX, |first| first - 1)
             .min(from + REPAIR_MAX - 1);
         self.metrics.redis_repairs.inc();
@@ -532,9 +584,7 @@ impl ConnectionRegistry {
         let wanted = entry
             .follow
             .early
-            .keys()
-            .next()
-            .copied()
+            .first_seq()
             .unwrap_or(top + 1)
             .min(top + 1);
         if last + 1 >= wanted || epoch != entry.log.epoch {
@@ -573,10 +623,7 @@ impl ConnectionRegistry {
         entry.log.last_seq = last_seq;
         entry.log.assigned_seq = last_seq;
         let current = entry.log.epoch.clone();
-        entry
-            .follow
-            .early
-            .retain(|seq, (e, _)| *seq > last_seq && *e == current);
+        entry.follow.early.keep_after(last_seq, &current);
         self.log_bytes.account(change, "age", &self.metrics);
     }
 
@@ -725,7 +772,7 @@ impl Handler<LogNews> for ConnectionRegistry {
                 entry.log.epoch = epoch;
                 entry.log.last_seq = top;
                 entry.log.assigned_seq = top;
-                let early = std::mem::take(&mut entry.follow.early);
+                let early = entry.follow.early.take();
                 let waiting = std::mem::take(&mut entry.follow.waiting);
                 for (_, (epoch, frame)) in early {
                     self.ingest(user.clone(), epoch, frame, false, ctx);
@@ -741,7 +788,7 @@ impl Handler<LogNews> for ConnectionRegistry {
                 if let Some(entry) = self.users.get_mut(&user) {
                     if !entry.follow.synced {
                         entry.follow.asked = false;
-                        entry.follow.early.clear();
+                        entry.follow.early.take();
                         for (_, answer) in entry.follow.waiting.drain(..) {
                             let _ = answer.send(Err(ConnectRefused::Unavailable));
                         }
