@@ -17,6 +17,7 @@ mod limits;
 mod liveness;
 mod metrics;
 mod properties;
+mod redis_bounds;
 mod resume;
 mod runs;
 mod scale_out;
