@@ -94,17 +94,20 @@ pub async fn run(
                 follow = follows.recv() => {
                     let Some(follow) = follow else { return };
                     match follow {
+                        // Subscribing and unsubscribing are awaited here, one at a time, so
+                        // that a stop and a start of the same user cannot overtake each other.
+                        // Only the read of the epoch and top, after the subscription, runs on.
                         Follow::Start(user) => {
+                            let channel = UserKeys::new(&user).channel;
+                            let subscribed =
+                                tokio::time::timeout(timeout * 2, sink.subscribe(&channel)).await;
+                            if !matches!(subscribed, Ok(Ok(()))) {
+                                news.do_send(LogNews::FollowFailed(user));
+                                continue;
+                            }
                             followed.insert(user.clone());
-                            let (mut sink, link, news) = (sink.clone(), link.clone(), news.clone());
+                            let (link, news) = (link.clone(), news.clone());
                             actix::spawn(async move {
-                                let channel = UserKeys::new(&user).channel;
-                                let subscribed =
-                                    tokio::time::timeout(timeout * 2, sink.subscribe(&channel)).await;
-                                if !matches!(subscribed, Ok(Ok(()))) {
-                                    news.do_send(LogNews::FollowFailed(user));
-                                    return;
-                                }
                                 match tokio::time::timeout(timeout * 2, link.open(&user)).await {
                                     Ok(Ok((epoch, top))) => {
                                         news.do_send(LogNews::Followed { user, epoch, top })
@@ -115,11 +118,8 @@ pub async fn run(
                         }
                         Follow::Stop(user) => {
                             followed.remove(&user);
-                            let mut sink = sink.clone();
-                            actix::spawn(async move {
-                                let channel = UserKeys::new(&user).channel;
-                                let _ = tokio::time::timeout(timeout * 2, sink.unsubscribe(&channel)).await;
-                            });
+                            let channel = UserKeys::new(&user).channel;
+                            let _ = tokio::time::timeout(timeout * 2, sink.unsubscribe(&channel)).await;
                         }
                     }
                 }

@@ -768,10 +768,14 @@ impl Handler<LogNews> for ConnectionRegistry {
                     return;
                 };
                 entry.follow.asked = false;
-                entry.follow.synced = true;
-                entry.log.epoch = epoch;
-                entry.log.last_seq = top;
-                entry.log.assigned_seq = top;
+                // A second answer (the user was unfollowed and followed again meanwhile)
+                // must not move a window that is already being fed back to `top`.
+                if !entry.follow.synced {
+                    entry.follow.synced = true;
+                    entry.log.epoch = epoch;
+                    entry.log.last_seq = top;
+                    entry.log.assigned_seq = top;
+                }
                 let early = entry.follow.early.take();
                 let waiting = std::mem::take(&mut entry.follow.waiting);
                 for (_, (epoch, frame)) in early {
