@@ -274,6 +274,7 @@ pub enum ConfigError {
     BadOrigin(BadOrigin),
     BadRedisUrl(String),
     BadNodeId,
+    NodeTimeoutTooShort,
     Zero(&'static str),
 }
 
@@ -308,6 +309,11 @@ impl std::fmt::Display for ConfigError {
             ConfigError::BadNodeId => write!(
                 f,
                 "--node-id must be 1 to 128 characters, with no white space or control characters"
+            ),
+            ConfigError::NodeTimeoutTooShort => write!(
+                f,
+                "--node-timeout-ms must be at least 100: nodes beat four times per timeout, and a \
+                 shorter one takes live nodes for lost"
             ),
             ConfigError::Zero(name) => write!(f, "--{name} must be greater than 0"),
         }
@@ -366,6 +372,9 @@ impl Config {
         self.origin_policy().map_err(ConfigError::BadOrigin)?;
         if let Some(url) = &self.redis_url {
             agentcast_actors::redis::check_url(url).map_err(ConfigError::BadRedisUrl)?;
+        }
+        if self.node_timeout_ms < 100 {
+            return Err(ConfigError::NodeTimeoutTooShort);
         }
         if let Some(id) = &self.node_id {
             let printable = id.chars().all(|c| !c.is_whitespace() && !c.is_control());

@@ -101,6 +101,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
             let redis = RedisConfig {
                 url: url.clone(),
                 node_id: node_id.into(),
+                process: agentcast_actors::ids::random_id("", 12).into(),
                 node_timeout: Duration::from_millis(config.node_timeout_ms),
                 log_capacity: config.replay_capacity,
                 log_max_bytes: config.replay_user_max_bytes,

@@ -18,6 +18,7 @@ mod liveness;
 mod metrics;
 mod properties;
 mod redis_bounds;
+mod redis_recovery;
 mod resume;
 mod runs;
 mod scale_out;

@@ -145,7 +145,9 @@ fn deliver(msg: &redis::Msg, control: &str, news: &Recipient<LogNews>) {
     };
     let item = if channel == control {
         match payload.strip_prefix("cancel ") {
-            Some(run_id) => LogNews::Cancel(run_id.into()),
+            // Not dropped when the registry is busy: nothing would repair a lost cancel.
+            // (Rare: each is a user's command, under its connection's rate limit.)
+            Some(run_id) => return news.do_send(LogNews::Cancel(run_id.into())),
             None => {
                 log::warn!("Redis pub/sub: unknown control message {payload:?}");
                 return;
@@ -159,12 +161,7 @@ fn deliver(msg: &redis::Msg, control: &str, news: &Recipient<LogNews>) {
             log::warn!("Redis pub/sub: a malformed frame for user {user}; dropped");
             return;
         };
-        LogNews::Frame {
-            user,
-            epoch,
-            frame,
-            own: false,
-        }
+        LogNews::Frame { user, epoch, frame }
     };
     if news.try_send(item).is_err() {
         // The registry is saturated: the frame is in the stream, and a resync finds it.

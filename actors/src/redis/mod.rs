@@ -46,6 +46,8 @@ use self::keys::UserKeys;
 pub struct RedisConfig {
     pub url: String,
     pub node_id: Arc<str>,
+    /// This process, among the processes that ever ran under `node_id`: random.
+    pub process: Arc<str>,
     /// A node silent for this long is taken for dead and its runs are ended.
     pub node_timeout: Duration,
     /// Frames kept per user (the stream's length): `--replay-capacity`.
@@ -119,6 +121,7 @@ pub struct AppendJob {
 pub struct Orphan {
     pub user: UserId,
     pub run_id: RunId,
+    pub agent: String,
     pub thread_id: Option<Arc<str>>,
     pub started_ms: u64,
     /// The index of the run's last appended event.
@@ -138,8 +141,6 @@ pub enum LogNews {
         user: UserId,
         epoch: Arc<str>,
         frame: Frame,
-        /// The answer to one of this node's appends (else a subscription's copy).
-        own: bool,
     },
     /// This many of this node's appends are done with (appended, skipped or refused).
     Settled(usize),
@@ -158,10 +159,12 @@ pub enum LogNews {
     Resync,
     /// Another node asks this one to cancel a run.
     Cancel(RunId),
-    /// A lost node's open runs, for this node to end (and then forget the node).
+    /// A lost node's open runs, for this node to end (and then forget the node's `members`,
+    /// its run list as read).
     Orphans {
         node: Arc<str>,
         runs: Vec<Orphan>,
+        members: Vec<String>,
     },
     /// Whether Redis answers.
     Up(bool),
@@ -176,6 +179,13 @@ pub struct History {
     pub top: u64,
     /// The frames asked for that the stream still holds, in order.
     pub frames: Vec<Frame>,
+}
+
+/// Which end of a long stretch of history a read keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadEnd {
+    Oldest,
+    Newest,
 }
 
 /// A user's epoch and newest seq, as the meta hash says.
@@ -283,9 +293,16 @@ impl RedisLink {
         }
     }
 
-    /// After the appends queued so far: forgets a lost node's run list and its heartbeat.
-    pub fn forget_node(&self, node: Arc<str>) {
-        let _ = self.appends.send(writer::Job::ForgetNode(node));
+    /// After the appends queued so far: ends a run that never emitted anything (a claim whose
+    /// start was never answered) without an event: it leaves the user's running runs.
+    pub fn drop_run(&self, user: UserId, run_id: RunId) {
+        let _ = self.appends.send(writer::Job::DropRun(user, run_id));
+    }
+
+    /// After the appends queued so far: forgets `members` of a lost node's run list and, if
+    /// it is not this node, its heartbeat.
+    pub fn forget_node(&self, node: Arc<str>, members: Vec<String>) {
+        let _ = self.appends.send(writer::Job::ForgetNode(node, members));
     }
 
     /// Follow a user's appends from now on; answered by `Followed` or `FollowFailed`.
@@ -309,6 +326,15 @@ impl RedisLink {
     ) -> Result<Claim, Unavailable> {
         let keys = UserKeys::new(user);
         let mut conn = self.conn.clone();
+        // On this node's run list first: a claim whose answer is lost (it may have landed) is
+        // found there by the node's own check and dropped, instead of counting for ever.
+        let member = format!("{user}\n{run_id}");
+        let node_runs = keys::node_runs(&self.config.node_id);
+        let _: () = redis::cmd("SADD")
+            .arg(&node_runs)
+            .arg(&member)
+            .query_async(&mut conn)
+            .await?;
         let reply: Value = scripts::CLAIM
             .key(&keys.running)
             .key(&keys.starts)
@@ -321,6 +347,7 @@ impl RedisLink {
             .arg(thread_id.unwrap_or(""))
             .arg(user.as_ref())
             .arg(self.config.run_ttl().as_millis() as u64)
+            .arg(self.config.process.as_ref())
             .invoke_async(&mut conn)
             .await?;
         let claim = match tag(&reply).as_deref() {
@@ -331,11 +358,10 @@ impl RedisLink {
             },
             _ => return Err(Unavailable(format!("unexpected claim reply {reply:?}"))),
         };
-        if claim == Claim::Granted {
-            let member = format!("{user}\n{run_id}");
-            let _: Result<(), _> = redis::cmd("SADD")
-                .arg(keys::node_runs(&self.config.node_id))
-                .arg(member)
+        if claim != Claim::Granted {
+            let _: Result<(), _> = redis::cmd("SREM")
+                .arg(&node_runs)
+                .arg(&member)
                 .query_async(&mut conn)
                 .await;
         }
@@ -356,24 +382,77 @@ impl RedisLink {
         Ok((epoch.into(), int_at(&reply, 1).unwrap_or(0)))
     }
 
-    /// The user's frames with `from <= seq <= to` that the stream still holds.
-    pub async fn read(&self, user: &UserId, from: u64, to: u64) -> Result<History, Unavailable> {
+    /// The user's frames with `from <= seq <= to` that the stream still holds, in pages,
+    /// up to about `--replay-user-max-bytes` of them: the oldest, or with `end` `Newest` the
+    /// newest. Pages read under another epoch than the first are left out.
+    pub async fn read(
+        &self,
+        user: &UserId,
+        from: u64,
+        to: u64,
+        end: ReadEnd,
+    ) -> Result<History, Unavailable> {
+        const PAGE: u64 = 500;
         let keys = UserKeys::new(user);
         let mut conn = self.conn.clone();
-        let reply: Value = scripts::READ
+        let (mut lo, mut hi) = (from.max(1), to);
+        let mut pages: Vec<Vec<Frame>> = Vec::new();
+        let (mut epoch, mut top, mut bytes) = (None::<Arc<str>>, 0, 0);
+        while lo <= hi {
+            let reply: Value = scripts::READ
+                .key(&keys.meta)
+                .key(&keys.log)
+                .arg(lo)
+                .arg(hi)
+                .arg(PAGE)
+                .arg(u8::from(end == ReadEnd::Newest))
+                .invoke_async(&mut conn)
+                .await?;
+            let page_epoch = string_at(&reply, 0).map(Arc::<str>::from);
+            if pages.is_empty() {
+                epoch = page_epoch;
+                top = int_at(&reply, 1).unwrap_or(0);
+            } else if page_epoch != epoch {
+                break;
+            }
+            let page: Vec<Frame> = match array_at(&reply, 2) {
+                Some(entries) => entries.iter().filter_map(stream_entry).collect(),
+                None => Vec::new(),
+            };
+            let (Some(first), Some(last)) = (page.first(), page.last()) else {
+                break;
+            };
+            let (first, last, full) = (first.seq, last.seq, page.len() as u64 == PAGE);
+            bytes += page.iter().map(crate::replay::cost).sum::<usize>();
+            pages.push(page);
+            if !full || bytes >= self.config.log_max_bytes {
+                break;
+            }
+            match end {
+                ReadEnd::Oldest => lo = last + 1,
+                ReadEnd::Newest => hi = first.saturating_sub(1),
+            }
+        }
+        if end == ReadEnd::Newest {
+            pages.reverse();
+        }
+        let frames = pages.into_iter().flatten().collect();
+        Ok(History { epoch, top, frames })
+    }
+
+    /// Starts a new history for `user` if its epoch is still `old` (Redis gave a seq out
+    /// twice); returns the epoch now.
+    pub async fn renew(&self, user: &UserId, old: &str) -> Result<Arc<str>, Unavailable> {
+        let keys = UserKeys::new(user);
+        let mut conn = self.conn.clone();
+        let epoch: String = scripts::RENEW
             .key(&keys.meta)
             .key(&keys.log)
-            .arg(from.max(1))
-            .arg(to)
+            .arg(old)
+            .arg(random_id("", 16))
             .invoke_async(&mut conn)
             .await?;
-        let epoch = string_at(&reply, 0).map(Arc::from);
-        let top = int_at(&reply, 1).unwrap_or(0);
-        let frames = match array_at(&reply, 2) {
-            Some(entries) => entries.iter().filter_map(stream_entry).collect(),
-            None => Vec::new(),
-        };
-        Ok(History { epoch, top, frames })
+        Ok(epoch.into())
     }
 
     /// Every user's epoch and newest seq, as the meta hashes say (a missing one is made).
@@ -387,6 +466,14 @@ impl RedisLink {
                     .arg(UserKeys::new(user).meta)
                     .arg("epoch")
                     .arg("top");
+            }
+            // Followed users' epochs live as long as they are followed, however quiet.
+            let meta_ttl = self.config.meta_ttl().as_millis() as u64;
+            for user in chunk {
+                pipe.cmd("PEXPIRE")
+                    .arg(UserKeys::new(user).meta)
+                    .arg(meta_ttl)
+                    .ignore();
             }
             let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
             for (user, reply) in chunk.iter().zip(replies) {
@@ -426,11 +513,16 @@ impl RedisLink {
             return Ok(false);
         }
         if let (Some(node), Some("running")) = (node, status.as_deref()) {
-            let _: i64 = redis::cmd("PUBLISH")
+            let heard: i64 = redis::cmd("PUBLISH")
                 .arg(keys::node_control(&node))
                 .arg(format!("cancel {run_id}"))
                 .query_async(&mut conn)
                 .await?;
+            if heard == 0 {
+                // Its node is not listening (reconnecting, or lost and about to be reaped):
+                // the client is told to try again rather than that it worked.
+                return Err(Unavailable(format!("node {node} did not hear the cancel")));
+            }
         }
         Ok(true)
     }
@@ -453,7 +545,7 @@ impl RedisLink {
         let num = |field: &str| record.get(field).and_then(|v| v.parse::<u64>().ok());
         let (events, truncated) = match (num("first"), num("last")) {
             (Some(first), Some(last)) => {
-                let frames = self.read(user, first, last).await?.frames;
+                let frames = self.read(user, first, last, ReadEnd::Oldest).await?.frames;
                 let truncated = frames.first().is_none_or(|f| f.seq > first);
                 let events = frames.into_iter().filter(|f| f.run_id == *run_id).collect();
                 (events, truncated)

@@ -6,9 +6,11 @@
 use redis::Script;
 use std::sync::LazyLock;
 
-/// Appends one event: checks its run is still running (a lost node's runs are ended by
-/// another node, and a late event of theirs must not follow that end), skips a retry of an
-/// event already appended (each event of a run has an index), numbers it from the meta
+/// Appends one event: checks its run is still running and still this node's (a lost node's
+/// runs are taken over and ended by another node, and a late event of theirs must not follow
+/// that end), skips a retry of an event already appended (each event of a run has an index;
+/// one that skips ahead of the next index is refused, for the writer to send its batch again
+/// in order), numbers it from the meta
 /// hash, adds it to the stream as `<seq>-0`, trims the stream's oldest entries to the count
 /// and byte bounds (`--replay-capacity`, `--replay-user-max-bytes`: one user cannot fill
 /// Redis; the newest entry always stays), refreshes the TTLs, updates
@@ -18,22 +20,28 @@ use std::sync::LazyLock;
 ///
 /// KEYS: meta, log, running, run. ARGV: 1 epoch if none, 2 run id, 3 kind, 4 emitted (us),
 /// 5 tail, 6 maxlen, 7 log ttl (ms), 8 meta ttl (ms), 9 index, 10 tool call id, 11 tool,
-/// 12 end status, 13 channel, 14 this node, 15 run record ttl (ms), 16 user, 17 max bytes.
-/// Replies `{"ok", epoch, seq}`, `{"dup"}` or `{"ended"}`.
+/// 12 end status, 13 channel, 14 this node, 15 run record ttl (ms), 16 user, 17 max bytes,
+/// 18 this process.
+/// Replies `{"ok", epoch, seq}`, `{"dup"}`, `{"early"}` or `{"ended"}`.
 pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local meta, log, running, run = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local status = redis.call('HGET', run, 'status')
 if not status then
-  -- Its record went with Redis's data: the run goes on, in the new history.
-  redis.call('HSET', run, 'status', 'running', 'node', ARGV[14], 'n', 0, 'user', ARGV[16])
+  -- Its record went with Redis's data: the run goes on, in the new history. (A record of an
+  -- ended run expires only long after its end: see TAKE and the run ttl.)
+  redis.call('HSET', run, 'status', 'running', 'node', ARGV[14], 'n', 0, 'user', ARGV[16],
+    'proc', ARGV[18])
   redis.call('SADD', running, ARGV[2])
+  redis.call('PEXPIRE', running, ARGV[15])
   status = 'running'
 end
-if status ~= 'running' then return {'ended'} end
+if status ~= 'running' or redis.call('HGET', run, 'node') ~= ARGV[14] then return {'ended'} end
 local index = tonumber(ARGV[9])
-if index <= tonumber(redis.call('HGET', run, 'n') or '0') then return {'dup'} end
+local n = tonumber(redis.call('HGET', run, 'n') or '0')
+if index <= n then return {'dup'} end
+if index > n + 1 then return {'early'} end
 redis.call('HSETNX', meta, 'epoch', ARGV[1])
 local epoch = redis.call('HGET', meta, 'epoch')
 local seq = tonumber(redis.call('HGET', meta, 'top') or '0') + 1
@@ -80,7 +88,7 @@ elseif kind == 'agent_completed' then
   redis.call('HSET', run, 'status', ARGV[12], 'ended', ARGV[4])
   redis.call('SREM', running, ARGV[2])
 end
-redis.call('PEXPIRE', run, ARGV[15])
+if redis.call('PTTL', run) < tonumber(ARGV[15]) then redis.call('PEXPIRE', run, ARGV[15]) end
 redis.call('PUBLISH', ARGV[13],
   epoch .. '\n' .. seq .. '\n' .. ARGV[2] .. '\n' .. kind .. '\n' .. ARGV[4] .. '\n' .. ARGV[5])
 return {'ok', epoch, seq}
@@ -93,7 +101,7 @@ return {'ok', epoch, seq}
 /// record.
 ///
 /// KEYS: running, starts, run. ARGV: 1 max runs, 2 runs per minute, 3 run id, 4 node,
-/// 5 agent, 6 thread id (empty: none), 7 user, 8 record ttl (ms).
+/// 5 agent, 6 thread id (empty: none), 7 user, 8 record ttl (ms), 9 this process.
 /// Replies `{"ok"}`, `{"too_many"}` or `{"rate", retry_after_ms}`.
 pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -112,9 +120,51 @@ redis.call('PEXPIRE', KEYS[2], 120000)
 redis.call('SADD', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('HSET', KEYS[3], 'user', ARGV[7], 'node', ARGV[4], 'agent', ARGV[5],
-  'thread', ARGV[6], 'status', 'running', 'started', now, 'n', 0)
+  'thread', ARGV[6], 'status', 'running', 'started', now, 'n', 0, 'proc', ARGV[9])
 redis.call('PEXPIRE', KEYS[3], ARGV[8])
 return {'ok'}
+"#,
+    )
+});
+
+/// A lost node's run, taken over by the node that ends it: only if it is still running on
+/// the lost node, atomically with reading what ending it takes (the index of its last event
+/// and its open calls), so the lost node, should it still be writing, is refused from now
+/// on. The record then lives as long as the user's epoch: a node cut off for long that comes
+/// back still finds its run ended.
+///
+/// KEYS: run. ARGV: 1 lost node, 2 this node, 3 ttl (ms), 4 this process, 5 least age (ms):
+/// a run of this very process started more recently is left alone (it may be starting).
+/// Replies the record's fields and values, or nothing.
+pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local r = redis.call('HMGET', KEYS[1], 'status', 'node', 'started', 'proc')
+if r[1] ~= 'running' or r[2] ~= ARGV[1] then return {} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if r[4] == ARGV[4] and now - (tonumber(r[3]) or 0) < tonumber(ARGV[5]) then return {} end
+redis.call('HSET', KEYS[1], 'node', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return redis.call('HGETALL', KEYS[1])
+"#,
+    )
+});
+
+/// Starts a new history for a user whose Redis gave out a seq twice under one epoch (it lost
+/// its newest events and kept the epoch: a restart from an old snapshot, a failover to a
+/// lagging replica): only if the epoch is still `old`. Every node sees the new epoch and every
+/// client resuming gets `resume_gap`.
+///
+/// KEYS: meta, log. ARGV: 1 old epoch, 2 new epoch. Replies the epoch now.
+pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'top', 0, 'bytes', 0)
+end
+return redis.call('HGET', KEYS[1], 'epoch')
 "#,
     )
 });
@@ -135,14 +185,24 @@ return {m[1], tonumber(m[2] or '0')}
     )
 });
 
-/// The user's epoch, newest seq and the stream entries `from..=to`, read at one instant.
+/// The user's epoch, newest seq and up to `count` stream entries of `from..=to` (the
+/// oldest of them, or with `newest` set the newest), read at one instant. Paged, so that no
+/// read holds Redis up for long.
 ///
-/// KEYS: meta, log. ARGV: 1 from, 2 to. Replies `{epoch or false, top, entries}`.
+/// KEYS: meta, log. ARGV: 1 from, 2 to, 3 count, 4 newest (1/0).
+/// Replies `{epoch or false, top, entries}`, entries in `seq` order.
 pub static READ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'top')
-local entries = redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', ARGV[2] .. '-0')
+local entries
+if ARGV[4] == '1' then
+  local newest = redis.call('XREVRANGE', KEYS[2], ARGV[2] .. '-0', ARGV[1] .. '-0', 'COUNT', ARGV[3])
+  entries = {}
+  for i = #newest, 1, -1 do entries[#entries + 1] = newest[i] end
+else
+  entries = redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', ARGV[2] .. '-0', 'COUNT', ARGV[3])
+end
 return {m[1], tonumber(m[2] or '0'), entries}
 "#,
     )
@@ -164,6 +224,6 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[
 });
 
 /// All scripts, to load after Redis lost them (a restart).
-pub fn all() -> [&'static Script; 5] {
-    [&APPEND, &CLAIM, &OPEN, &READ, &HEARTBEAT]
+pub fn all() -> [&'static Script; 7] {
+    [&APPEND, &CLAIM, &OPEN, &READ, &HEARTBEAT, &TAKE, &RENEW]
 }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use super::keys::{self, UserKeys};
 use super::scripts;
 use super::{micros_since_epoch, string_at, tag, AppendJob, LogNews, RedisLink};
+use crate::ids::{RunId, UserId};
 use crate::metrics::Metrics;
 
 /// Appends sent in one round trip.
@@ -23,8 +24,10 @@ const BATCH: usize = 256;
 
 pub enum Job {
     Append(AppendJob),
-    /// A lost node's runs have all been ended: forget its run list and heartbeat.
-    ForgetNode(Arc<str>),
+    /// A lost node's runs have all been ended: forget them and its heartbeat.
+    ForgetNode(Arc<str>, Vec<String>),
+    /// A run that never emitted an event: ended without one.
+    DropRun(UserId, RunId),
 }
 
 pub async fn run(
@@ -47,14 +50,23 @@ pub async fn run(
                 Err(_) => break,
             }
         }
+        // Nothing is ever dropped here: a batch is sent again until Redis takes it, whether
+        // Redis is away or refusing (LOADING after a restart, READONLY or MASTERDOWN during a
+        // failover, OOM, BUSY). Runs wait meanwhile, and fail `unavailable` past the
+        // registry's bound; a retry of an append that had landed is skipped by the script.
         let mut pause = Duration::from_millis(50);
-        let mut refused = 0;
         loop {
             match send(&link, &batch).await {
                 Ok(replies) => {
                     link.set_up(true, &news);
-                    settle(&news, &metrics, std::mem::take(&mut batch), replies);
-                    break;
+                    if settle(&news, &metrics, &mut batch, replies) {
+                        break;
+                    }
+                    // An append arrived before its run's previous one: the rest go again.
+                    log::warn!(
+                        "Redis: {} appends out of order; sending them again",
+                        batch.len()
+                    );
                 }
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
@@ -62,33 +74,17 @@ pub async fn run(
                     log::info!("Redis lost its scripts (a restart?): loading them again");
                     load_scripts(&link).await;
                 }
-                Err(e) if !unreachable(&e) && refused < 3 => {
-                    log::warn!("Redis refused a batch of appends ({e}); retrying");
-                    refused += 1;
-                    tokio::time::sleep(pause).await;
-                }
-                Err(e) if !unreachable(&e) => {
-                    // Not Redis being away but Redis saying no, every time: waiting longer
-                    // would stop every run of this node behind this batch.
-                    log::error!("Redis refused {} appends ({e}); they are lost", batch.len());
-                    let n = batch
-                        .drain(..)
-                        .filter(|j| matches!(j, Job::Append(_)))
-                        .count();
-                    news.do_send(LogNews::Settled(n));
-                    break;
-                }
                 Err(e) => {
-                    log::warn!(
-                        "Redis: {} appends wait ({e}); retrying in {} ms",
-                        batch.len(),
-                        pause.as_millis()
-                    );
+                    if unreachable(&e) {
+                        log::warn!("Redis: {} appends wait ({e})", batch.len());
+                    } else {
+                        log::error!("Redis refuses {} appends ({e}); retrying", batch.len());
+                    }
                     link.set_up(false, &news);
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
             }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
         }
     }
 }
@@ -141,7 +137,8 @@ async fn send(link: &RedisLink, batch: &[Job]) -> redis::RedisResult<Vec<Value>>
                     .arg(config.node_id.as_ref())
                     .arg(config.run_ttl().as_millis() as u64)
                     .arg(a.user.as_ref())
-                    .arg(config.log_max_bytes);
+                    .arg(config.log_max_bytes)
+                    .arg(config.process.as_ref());
                 if a.ended.is_some() {
                     pipe.cmd("SREM")
                         .arg(keys::node_runs(&config.node_id))
@@ -149,46 +146,79 @@ async fn send(link: &RedisLink, batch: &[Job]) -> redis::RedisResult<Vec<Value>>
                         .ignore();
                 }
             }
-            Job::ForgetNode(node) => {
-                pipe.cmd("DEL").arg(keys::node_runs(node)).ignore();
-                pipe.cmd("ZREM")
-                    .arg(keys::NODES)
-                    .arg(node.as_ref())
+            Job::DropRun(user, run_id) => {
+                let keys = UserKeys::new(user);
+                pipe.cmd("HSET")
+                    .arg(keys.run(run_id))
+                    .arg("status")
+                    .arg("failed")
+                    .ignore();
+                pipe.cmd("SREM")
+                    .arg(&keys.running)
+                    .arg(run_id.as_ref())
                     .ignore();
             }
+            Job::ForgetNode(node, members) => {
+                if !members.is_empty() {
+                    pipe.cmd("SREM")
+                        .arg(keys::node_runs(node))
+                        .arg(members)
+                        .ignore();
+                }
+                if **node != *config.node_id {
+                    pipe.cmd("ZREM")
+                        .arg(keys::NODES)
+                        .arg(node.as_ref())
+                        .ignore();
+                }
+            }
         }
+    }
+    if pipe.cmd_iter().next().is_none() {
+        // Nothing to send (forgetting no runs of this node itself): Redis would refuse an
+        // empty pipeline, and this batch would be retried for ever.
+        return Ok(Vec::new());
     }
     let mut conn = link.conn.clone();
     pipe.query_async(&mut conn).await
 }
 
-/// Tells the registry what became of each append of a batch.
-fn settle(news: &Recipient<LogNews>, metrics: &Metrics, batch: Vec<Job>, replies: Vec<Value>) {
+/// Tells the registry what became of each append of a batch, in order, and takes them out
+/// of it. Stops at an append refused as `early` (its run's previous event has not landed):
+/// false, and what is left in `batch` is to be sent again.
+fn settle(
+    news: &Recipient<LogNews>,
+    metrics: &Metrics,
+    batch: &mut Vec<Job>,
+    replies: Vec<Value>,
+) -> bool {
     let mut replies = replies.into_iter();
     let mut settled = 0;
-    for job in batch {
+    let mut done = 0;
+    let mut complete = true;
+    for job in batch.iter() {
         let Job::Append(a) = job else {
+            done += 1;
             continue;
         };
-        settled += 1;
         let Some(reply) = replies.next() else {
             log::error!("Redis: a pipeline answered fewer appends than it was sent");
+            complete = false;
             break;
         };
         match tag(&reply).as_deref() {
-            Some("ok") => {
-                let (Some(epoch), Some(seq)) = (string_at(&reply, 1), super::int_at(&reply, 2))
-                else {
-                    log::error!("Redis: unexpected append reply {reply:?}");
-                    continue;
-                };
-                news.do_send(LogNews::Frame {
-                    user: a.user,
+            Some("early") => {
+                complete = false;
+                break;
+            }
+            Some("ok") => match (string_at(&reply, 1), super::int_at(&reply, 2)) {
+                (Some(epoch), Some(seq)) => news.do_send(LogNews::Frame {
+                    user: a.user.clone(),
                     epoch: epoch.into(),
                     frame: a.draft.number(seq),
-                    own: true,
-                });
-            }
+                }),
+                _ => log::error!("Redis: unexpected append reply {reply:?}"),
+            },
             // Landed before: its frame came, or comes, through the subscription.
             Some("dup") => metrics.redis_retried.inc(),
             Some("ended") => {
@@ -197,12 +227,16 @@ fn settle(news: &Recipient<LogNews>, metrics: &Metrics, batch: Vec<Job>, replies
                     a.draft.run_id,
                     a.draft.kind
                 );
-                news.do_send(LogNews::RunGone(a.draft.run_id));
+                news.do_send(LogNews::RunGone(a.draft.run_id.clone()));
             }
             _ => log::error!("Redis: unexpected append reply {reply:?}"),
         }
+        settled += 1;
+        done += 1;
     }
+    batch.drain(..done);
     if settled > 0 {
         news.do_send(LogNews::Settled(settled));
     }
+    complete && batch.is_empty()
 }

@@ -357,7 +357,12 @@ impl ConnectionRegistry {
                 None => e
                     .idle_since
                     .is_none_or(|since| now.duration_since(since) < ttl),
-                Some(_) => e.idle_since.is_none() || e.follow.asked || e.inspecting > 0,
+                Some(_) => {
+                    e.idle_since.is_none()
+                        || e.follow.asked
+                        || e.follow.joining > 0
+                        || e.inspecting > 0
+                }
             };
             if !keep {
                 changes.push((e.log.frames.clear(), "age"));

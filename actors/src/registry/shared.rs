@@ -13,7 +13,7 @@
 //! Starting, cancelling and inspecting runs ask Redis (cluster-wide limits; runs of other
 //! nodes); a lost node's runs are ended here when this node is the one to notice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use crate::event::{Draft, ErrorBody, EventData, Frame, RunStatus};
 use crate::ids::{new_run_id, RunId, UserId};
 use crate::redis::{
-    AppendJob, Claim, History, LogNews, Orphan, RedisConfig, RedisLink, Top, Unavailable,
+    AppendJob, Claim, History, LogNews, Orphan, ReadEnd, RedisConfig, RedisLink, Top, Unavailable,
 };
 use crate::router::*;
 use crate::run::CancelReason;
@@ -62,6 +62,8 @@ pub struct Following {
     pub early: Early,
     /// A read of the stream to fill a gap is under way.
     pub repairing: bool,
+    /// Connects reading older history before they join.
+    pub joining: usize,
 }
 
 /// Frames that arrived ahead of the next `seq`, bounded by count and bytes: past either,
@@ -239,27 +241,43 @@ impl ConnectionRegistry {
             .resume
             .as_ref()
             .and_then(|r| self.missing(&msg.user, r.after_seq, u64::MAX, r.epoch.as_deref()));
-        match (missing, self.shared.as_ref()) {
-            (Some((from, to)), Some(shared)) => {
-                let link = shared.link.clone();
-                let user = msg.user.clone();
-                Box::pin(
-                    actix::fut::wrap_future(async move { link.read(&user, from, to).await }).map(
-                        move |read, act: &mut Self, ctx| match read {
-                            Ok(read) => {
-                                act.fill(&msg.user, to, read);
-                                act.join(msg, ctx)
-                            }
-                            Err(e) => {
-                                log::warn!("resume of user {}: {e}", msg.user);
-                                Err(ConnectRefused::Unavailable)
-                            }
-                        },
-                    ),
-                )
-            }
-            _ => Box::pin(actix::fut::ready(self.join(msg, ctx))),
+        let (Some((from, to)), Some(shared)) = (missing, self.shared.as_ref()) else {
+            return Box::pin(actix::fut::ready(self.join(msg, ctx)));
+        };
+        let link = shared.link.clone();
+        let limit = self.settings.max_connections_per_user;
+        let Some(entry) = self.users.get_mut(&msg.user) else {
+            return Box::pin(actix::fut::ready(self.join(msg, ctx)));
+        };
+        // Refused before reading anything for it, not after.
+        if entry.sessions.len() + entry.cut.len() >= limit {
+            return Box::pin(actix::fut::ready(Err(ConnectRefused::TooManyConnections(
+                limit,
+            ))));
         }
+        // Keeps the user followed (the sweep leaves it) while the read is on its way.
+        entry.follow.joining += 1;
+        let user = msg.user.clone();
+        Box::pin(
+            actix::fut::wrap_future(
+                async move { link.read(&user, from, to, ReadEnd::Newest).await },
+            )
+            .map(move |read, act: &mut Self, ctx| {
+                if let Some(entry) = act.users.get_mut(&msg.user) {
+                    entry.follow.joining -= 1;
+                }
+                match read {
+                    Ok(read) => {
+                        act.fill(&msg.user, to, read);
+                        act.join(msg, ctx)
+                    }
+                    Err(e) => {
+                        log::warn!("resume of user {}: {e}", msg.user);
+                        Err(ConnectRefused::Unavailable)
+                    }
+                }
+            }),
+        )
     }
 
     /// `Resume` on a shared log: what the window lacks is read back from the stream first.
@@ -274,18 +292,19 @@ impl ConnectionRegistry {
                 let link = shared.link.clone();
                 let user = msg.user.clone();
                 Box::pin(
-                    actix::fut::wrap_future(async move { link.read(&user, from, to).await }).map(
-                        move |read, act: &mut Self, ctx| match read {
-                            Ok(read) => {
-                                act.fill(&msg.user, to, read);
-                                act.resume(msg, ctx)
-                            }
-                            Err(e) => {
-                                log::warn!("resume of user {}: {e}", msg.user);
-                                Err(ResumeRefused::Unavailable)
-                            }
-                        },
-                    ),
+                    actix::fut::wrap_future(async move {
+                        link.read(&user, from, to, ReadEnd::Newest).await
+                    })
+                    .map(move |read, act: &mut Self, ctx| match read {
+                        Ok(read) => {
+                            act.fill(&msg.user, to, read);
+                            act.resume(msg, ctx)
+                        }
+                        Err(e) => {
+                            log::warn!("resume of user {}: {e}", msg.user);
+                            Err(ResumeRefused::Unavailable)
+                        }
+                    }),
                 )
             }
             _ => Box::pin(actix::fut::ready(self.resume(msg, ctx))),
@@ -436,16 +455,9 @@ impl ConnectionRegistry {
         }))
     }
 
-    /// Feeds one numbered frame to the user's window, in `seq` order. `own`: the answer to
-    /// one of this node's appends (not a copy from a subscription).
-    fn ingest(
-        &mut self,
-        user: UserId,
-        epoch: Arc<str>,
-        frame: Frame,
-        own: bool,
-        ctx: &mut Context<Self>,
-    ) {
+    /// Feeds one numbered frame to the user's window, in `seq` order: the answer to one of
+    /// this node's appends, or a copy from a subscription, whichever comes first.
+    fn ingest(&mut self, user: UserId, epoch: Arc<str>, frame: Frame, ctx: &mut Context<Self>) {
         self.runs.note_seq(&frame.run_id, frame.seq);
         let Some(entry) = self.users.get_mut(&user) else {
             return;
@@ -472,19 +484,22 @@ impl ConnectionRegistry {
         };
         let last = entry.log.last_seq;
         if frame.seq <= last {
-            // Usually its copy from the subscription came first. A *different* frame under a
-            // seq this node already has means Redis gave the seq out again: it lost its newest
-            // events (a failover) and kept the epoch.
-            let reused = own
-                && entry
-                    .log
-                    .frames
-                    .get(frame.seq)
-                    .is_some_and(|kept| kept.text != frame.text);
+            // Usually the other copy of a frame already appended. A *different* frame under a
+            // seq this node still has means Redis gave the seq out again: it lost its newest
+            // events (a restart from an old snapshot, a failover) and kept the epoch.
+            let reused = entry
+                .log
+                .frames
+                .get(frame.seq)
+                .is_some_and(|kept| kept.text != frame.text);
             if reused {
+                // The tabs here must not get the events after it (they would look like the
+                // continuation of what they have): closed now, 1012, and the window goes on
+                // from the reused seq until the new epoch arrives.
                 let at = frame.seq - 1;
                 self.lose_history(&user, epoch.clone(), at, "Redis gave out a seq again");
-                self.ingest(user, epoch, frame, own, ctx);
+                self.renew_epoch(&user, epoch.clone(), ctx);
+                self.ingest(user, epoch, frame, ctx);
             }
             return;
         }
@@ -546,7 +561,7 @@ impl ConnectionRegistry {
         ctx.spawn(
             actix::fut::wrap_future({
                 let user = user.clone();
-                async move { link.read(&user, from, to).await }
+                async move { link.read(&user, from, to, ReadEnd::Oldest).await }
             })
             .map(move |read, act: &mut Self, ctx| act.repaired(user, from, read, ctx)),
         );
@@ -575,7 +590,7 @@ impl ConnectionRegistry {
         };
         let first = frames.first().map(|f| f.seq);
         for frame in frames {
-            self.ingest(user.clone(), epoch.clone(), frame, false, ctx);
+            self.ingest(user.clone(), epoch.clone(), frame, ctx);
         }
         let Some(entry) = self.users.get_mut(&user) else {
             return;
@@ -635,26 +650,32 @@ impl ConnectionRegistry {
         if shared.resyncing {
             return;
         }
-        let users: Vec<UserId> = self
+        // What each window held when asked: an answer is only compared with that, never
+        // with what was ingested while it was on its way.
+        let asked: HashMap<UserId, (Arc<str>, u64)> = self
             .users
             .iter()
             .filter(|(_, e)| e.follow.synced)
-            .map(|(id, _)| id.clone())
+            .map(|(id, e)| (id.clone(), (e.log.epoch.clone(), e.log.last_seq)))
             .collect();
-        if users.is_empty() {
+        if asked.is_empty() {
             return;
         }
         shared.resyncing = true;
         let link = shared.link.clone();
+        let users: Vec<UserId> = asked.keys().cloned().collect();
         ctx.spawn(
             actix::fut::wrap_future(async move { link.tops(users).await }).map(
-                |tops, act: &mut Self, ctx| {
+                move |tops, act: &mut Self, ctx| {
                     if let Some(shared) = &mut act.shared {
                         shared.resyncing = false;
                     }
-                    if let Ok(tops) = tops {
-                        for top in tops {
-                            act.check_top(top, ctx);
+                    let Ok(tops) = tops else {
+                        return;
+                    };
+                    for top in tops {
+                        if let Some(was) = asked.get(&top.user) {
+                            act.check_top(top, was, ctx);
                         }
                     }
                 },
@@ -662,32 +683,87 @@ impl ConnectionRegistry {
         );
     }
 
-    fn check_top(&mut self, Top { user, epoch, top }: Top, ctx: &mut Context<Self>) {
+    /// `top` is the user's epoch and newest seq as Redis said after the window was at `was`.
+    fn check_top(&mut self, top: Top, was: &(Arc<str>, u64), ctx: &mut Context<Self>) {
+        let Top { user, epoch, top } = top;
         let Some(entry) = self.users.get_mut(&user) else {
             return;
         };
-        if !entry.follow.synced {
+        // Not followed any more, or moved on to another epoch since: the answer is stale.
+        if !entry.follow.synced || entry.log.epoch != was.0 {
             return;
         }
-        // (`top` below this node's `last_seq` says nothing: the snapshot is older than what
-        // was ingested since. A failover that lost the newest events under the same epoch
-        // shows as a seq given out again; see `ingest`.)
         if epoch != entry.log.epoch {
             self.lose_history(&user, epoch, 0, "its history was lost (a new epoch)");
+        } else if top < was.1 {
+            // Redis has fewer events than this node had seen under the same epoch: it lost
+            // its newest (a restart from an old snapshot, a failover to a lagging replica).
+            self.renew_epoch(&user, epoch, ctx);
+            return;
         }
         if self.users.get(&user).is_some_and(|e| top > e.log.last_seq) {
             self.repair(&user, ctx);
         }
     }
 
+    /// Redis gave out seqs again under an unchanged epoch: starts a new history there (if no
+    /// node did yet), so that every node and every resuming client sees the change.
+    fn renew_epoch(&mut self, user: &UserId, old: Arc<str>, ctx: &mut Context<Self>) {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return;
+        };
+        log::warn!(
+            "user {user}: Redis lost its newest events under epoch {old}; starting a new one"
+        );
+        let user = user.clone();
+        ctx.spawn(
+            actix::fut::wrap_future({
+                let user = user.clone();
+                async move { link.renew(&user, &old).await }
+            })
+            .map(move |renewed, act: &mut Self, ctx| {
+                if let Ok(epoch) = renewed {
+                    let current = act.users.get(&user).map(|e| e.log.epoch.clone());
+                    if current.is_some_and(|c| c != epoch) {
+                        act.lose_history(&user, epoch, 0, "its history was lost (a new epoch)");
+                        act.repair(&user, ctx);
+                    }
+                }
+            }),
+        );
+    }
+
     /// Ends a lost node's runs: `tool_completed ok:false` for each open call, then
     /// `agent_completed` `failed` `node_lost`.
-    fn end_orphans(&mut self, node: Arc<str>, runs: Vec<Orphan>) {
+    fn end_orphans(&mut self, node: Arc<str>, runs: Vec<Orphan>, members: Vec<String>) {
         let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
             return;
         };
         let now = SystemTime::now();
+        // For this node's own id: the runs of a previous process, not those running here.
+        let runs: Vec<Orphan> = runs
+            .into_iter()
+            .filter(|o| self.runs.get(&o.run_id).is_none())
+            .collect();
+        let members: Vec<String> = members
+            .into_iter()
+            .filter(|m| {
+                m.split_once('\n')
+                    .is_none_or(|(_, run_id)| self.runs.get(run_id).is_none())
+            })
+            .collect();
         for orphan in runs {
+            if orphan.index == 0 && node == *link.node_id() {
+                // This node's, never emitted anything: a claim whose answer was lost, so its
+                // start was refused. No events to end; it only leaves the user's running runs.
+                log::info!(
+                    "run {} of user {}: claimed, never started; dropped",
+                    orphan.run_id,
+                    orphan.user
+                );
+                link.drop_run(orphan.user, orphan.run_id);
+                continue;
+            }
             log::warn!(
                 "run {} of user {}: its node {node} is lost; ending it",
                 orphan.run_id,
@@ -699,18 +775,22 @@ impl ConnectionRegistry {
                     format!("the node running this run ({node}) was lost"),
                 )
             };
-            let mut events: Vec<EventData> = orphan
-                .open_calls
-                .iter()
-                .map(|(call_id, tool)| EventData::ToolCompleted {
+            // A run lost before its first event still starts and ends, as every run does.
+            let started = (orphan.index == 0).then(|| EventData::AgentStarted {
+                agent: orphan.agent.clone(),
+                input: Value::Null,
+            });
+            let mut events: Vec<EventData> = started.into_iter().collect();
+            events.extend(orphan.open_calls.iter().map(|(call_id, tool)| {
+                EventData::ToolCompleted {
                     tool_call_id: call_id.clone(),
                     tool: tool.clone(),
                     ok: false,
                     result: Value::Null,
                     error: Some(lost()),
                     duration_ms: 0,
-                })
-                .collect();
+                }
+            }));
             let started = std::time::UNIX_EPOCH + Duration::from_millis(orphan.started_ms);
             events.push(EventData::AgentCompleted {
                 status: RunStatus::Failed,
@@ -724,6 +804,7 @@ impl ConnectionRegistry {
             for (k, data) in events.iter().enumerate() {
                 let draft = Draft::new(&orphan.run_id, orphan.thread_id.as_deref(), now, data);
                 self.metrics.emitted(data).inc();
+                self.note_pending(&orphan.run_id);
                 RedisLog(link.clone()).append(
                     &orphan.user,
                     &mut UserLog::new(Arc::from(""), 0, &self.budget),
@@ -735,7 +816,7 @@ impl ConnectionRegistry {
             self.metrics.runs_node_lost.inc();
             self.metrics.run_ended(RunStatus::Failed.as_str());
         }
-        link.forget_node(node);
+        link.forget_node(node, members);
     }
 }
 
@@ -744,12 +825,7 @@ impl Handler<LogNews> for ConnectionRegistry {
 
     fn handle(&mut self, news: LogNews, ctx: &mut Context<Self>) {
         match news {
-            LogNews::Frame {
-                user,
-                epoch,
-                frame,
-                own,
-            } => self.ingest(user, epoch, frame, own, ctx),
+            LogNews::Frame { user, epoch, frame } => self.ingest(user, epoch, frame, ctx),
             LogNews::Settled(n) => {
                 if let Some(shared) = &mut self.shared {
                     shared.pending = shared.pending.saturating_sub(n);
@@ -779,7 +855,7 @@ impl Handler<LogNews> for ConnectionRegistry {
                 let early = entry.follow.early.take();
                 let waiting = std::mem::take(&mut entry.follow.waiting);
                 for (_, (epoch, frame)) in early {
-                    self.ingest(user.clone(), epoch, frame, false, ctx);
+                    self.ingest(user.clone(), epoch, frame, ctx);
                 }
                 for (connect, answer) in waiting {
                     let join = self.join_shared(connect, ctx);
@@ -806,7 +882,11 @@ impl Handler<LogNews> for ConnectionRegistry {
             LogNews::Cancel(run_id) => {
                 self.runs.stop(&run_id, CancelReason::Requested);
             }
-            LogNews::Orphans { node, runs } => self.end_orphans(node, runs),
+            LogNews::Orphans {
+                node,
+                runs,
+                members,
+            } => self.end_orphans(node, runs, members),
             LogNews::Up(up) => self.metrics.redis_up.set(up as i64),
         }
     }
