@@ -142,8 +142,9 @@ pub enum LogNews {
         epoch: Arc<str>,
         frame: Frame,
     },
-    /// This many of this node's appends are done with (appended, skipped or refused).
-    Settled(usize),
+    /// This many of this node's appends, of these bytes (their drafts' tails), are done
+    /// with (appended, skipped or refused).
+    Settled(usize, usize),
     /// Appends of this run were refused: it has been ended elsewhere (its node was taken
     /// for lost).
     RunGone(RunId),

@@ -194,6 +194,7 @@ fn settle(
 ) -> bool {
     let mut replies = replies.into_iter();
     let mut settled = 0;
+    let mut bytes = 0;
     let mut done = 0;
     let mut complete = true;
     for job in batch.iter() {
@@ -232,11 +233,12 @@ fn settle(
             _ => log::error!("Redis: unexpected append reply {reply:?}"),
         }
         settled += 1;
+        bytes += a.draft.tail.len();
         done += 1;
     }
     batch.drain(..done);
     if settled > 0 {
-        news.do_send(LogNews::Settled(settled));
+        news.do_send(LogNews::Settled(settled, bytes));
     }
     complete && batch.is_empty()
 }

@@ -192,10 +192,11 @@ impl ConnectionRegistry {
             return;
         };
         let draft = Draft::new(run_id, thread_id, at, data);
+        let bytes = draft.tail.len();
         self.metrics.emitted(data).inc();
         let Some(frame) = self.log.append(user, &mut entry.log, draft, data, index) else {
             // Numbered on the shared log; it comes back as `LogNews::Frame`.
-            self.note_pending(run_id);
+            self.note_pending(run_id, bytes);
             return;
         };
         self.runs.note_seq(run_id, frame.seq);

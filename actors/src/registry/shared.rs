@@ -43,8 +43,10 @@ const RESYNC_EVERY: Duration = Duration::from_secs(1);
 /// The registry's link to Redis and the appends it has in flight.
 pub struct Shared {
     pub link: RedisLink,
-    /// This node's appends not yet settled: past `max_pending`, runs fail `unavailable`.
+    /// This node's appends not yet settled, and their bytes: past `max_pending` events or
+    /// `--replay-max-bytes` bytes, runs fail `unavailable`.
     pub pending: usize,
+    pub pending_bytes: usize,
     pub max_pending: usize,
     resyncing: bool,
 }
@@ -64,6 +66,8 @@ pub struct Following {
     pub repairing: bool,
     /// Connects reading older history before they join.
     pub joining: usize,
+    /// A new epoch is being started on Redis (seqs were given out again): connects wait.
+    pub renewing: bool,
 }
 
 /// Frames that arrived ahead of the next `seq`, bounded by count and bytes: past either,
@@ -176,6 +180,7 @@ impl ConnectionRegistry {
         registry.shared = Some(Shared {
             link,
             pending: 0,
+            pending_bytes: 0,
             max_pending,
             resyncing: false,
         });
@@ -188,14 +193,16 @@ impl ConnectionRegistry {
         }
     }
 
-    /// Counts an append handed to Redis; past the bound, the run fails `unavailable`.
-    pub(super) fn note_pending(&mut self, run_id: &RunId) {
+    /// Counts an append of `bytes` handed to Redis; past the bounds, the run fails
+    /// `unavailable`.
+    pub(super) fn note_pending(&mut self, run_id: &RunId, bytes: usize) {
         let Some(shared) = &mut self.shared else {
             return;
         };
         shared.pending += 1;
+        shared.pending_bytes += bytes;
         self.metrics.redis_pending.set(shared.pending as i64);
-        if shared.pending > shared.max_pending {
+        if shared.pending > shared.max_pending || shared.pending_bytes > self.budget.max_bytes {
             log::warn!(
                 "{} events wait for Redis: run {run_id} fails `unavailable`",
                 shared.pending
@@ -217,12 +224,13 @@ impl ConnectionRegistry {
         let user = msg.user.clone();
         let entry = self.user_entry(&user);
         entry.idle_since = None;
-        if entry.follow.synced {
+        if entry.follow.synced && !entry.follow.renewing {
             return self.join_shared(msg, ctx);
         }
+        // Not followed yet, or its epoch is being renewed: the connect waits for that.
         let (tx, rx) = oneshot::channel();
         entry.follow.waiting.push((msg, tx));
-        if !entry.follow.asked {
+        if !entry.follow.synced && !entry.follow.asked {
             entry.follow.asked = true;
             link.follow(user);
         }
@@ -715,6 +723,15 @@ impl ConnectionRegistry {
         log::warn!(
             "user {user}: Redis lost its newest events under epoch {old}; starting a new one"
         );
+        let Some(entry) = self.users.get_mut(user) else {
+            return;
+        };
+        if entry.follow.renewing {
+            return;
+        }
+        // Until the new epoch is known here, no one joins under the old one: its seqs are
+        // being given out again.
+        entry.follow.renewing = true;
         let user = user.clone();
         ctx.spawn(
             actix::fut::wrap_future({
@@ -722,11 +739,29 @@ impl ConnectionRegistry {
                 async move { link.renew(&user, &old).await }
             })
             .map(move |renewed, act: &mut Self, ctx| {
-                if let Ok(epoch) = renewed {
-                    let current = act.users.get(&user).map(|e| e.log.epoch.clone());
-                    if current.is_some_and(|c| c != epoch) {
-                        act.lose_history(&user, epoch, 0, "its history was lost (a new epoch)");
-                        act.repair(&user, ctx);
+                let Some(entry) = act.users.get_mut(&user) else {
+                    return;
+                };
+                entry.follow.renewing = false;
+                let waiting = std::mem::take(&mut entry.follow.waiting);
+                match renewed {
+                    Ok(epoch) => {
+                        if entry.log.epoch != epoch {
+                            act.lose_history(&user, epoch, 0, "its history was lost (a new epoch)");
+                            act.repair(&user, ctx);
+                        }
+                        for (connect, answer) in waiting {
+                            let join = act.join_shared(connect, ctx);
+                            ctx.spawn(join.map(|result, _, _| {
+                                let _ = answer.send(result);
+                            }));
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("user {user}: renewing the epoch: {e}");
+                        for (_, answer) in waiting {
+                            let _ = answer.send(Err(ConnectRefused::Unavailable));
+                        }
                     }
                 }
             }),
@@ -804,7 +839,7 @@ impl ConnectionRegistry {
             for (k, data) in events.iter().enumerate() {
                 let draft = Draft::new(&orphan.run_id, orphan.thread_id.as_deref(), now, data);
                 self.metrics.emitted(data).inc();
-                self.note_pending(&orphan.run_id);
+                self.note_pending(&orphan.run_id, draft.tail.len());
                 RedisLog(link.clone()).append(
                     &orphan.user,
                     &mut UserLog::new(Arc::from(""), 0, &self.budget),
@@ -826,9 +861,10 @@ impl Handler<LogNews> for ConnectionRegistry {
     fn handle(&mut self, news: LogNews, ctx: &mut Context<Self>) {
         match news {
             LogNews::Frame { user, epoch, frame } => self.ingest(user, epoch, frame, ctx),
-            LogNews::Settled(n) => {
+            LogNews::Settled(n, bytes) => {
                 if let Some(shared) = &mut self.shared {
                     shared.pending = shared.pending.saturating_sub(n);
+                    shared.pending_bytes = shared.pending_bytes.saturating_sub(bytes);
                     self.metrics.redis_pending.set(shared.pending as i64);
                 }
                 self.maybe_finish_shutdown();
