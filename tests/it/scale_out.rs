@@ -1213,3 +1213,56 @@ async fn one_user(nodes: &[Node], i: usize) -> usize {
     }
     seen0.len()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+// ---------------------------------------------------------------------------------------------
+
+/// `agentcast serve` with a `--redis-url` (or `AGENTCAST_REDIS_URL`) that is not a Redis URL
+/// exits at once, non-zero, with a message naming `--redis-url`; `Config::validate` refuses it
+/// the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_url_that_is_not_a_url_is_refused_at_start() {
+    let flag = serve_command(&["--redis-url", "not-a-url"]);
+    let mut env = serve_command(&[]);
+    env.env("AGENTCAST_REDIS_URL", "not-a-url");
+    for (what, mut cmd) in [
+        ("--redis-url not-a-url", flag),
+        ("AGENTCAST_REDIS_URL=not-a-url", env),
+    ] {
+        cmd.env("AGENTCAST_JWT_SECRET", SECRET);
+        let out = match tokio::time::timeout(TIMEOUT, cmd.output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => panic!("{what}: running agentcast serve: {e}"),
+            Err(_) => panic!("{what}: agentcast serve did not exit within {TIMEOUT:?}: it served"),
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{what}: agentcast serve exited successfully; stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains("--redis-url"),
+            "{what}: the message must name --redis-url; stderr: {stderr}"
+        );
+        assert!(
+            !stderr.contains("listening on"),
+            "{what}: it listened before refusing; stderr: {stderr}"
+        );
+    }
+
+    let config = agentcast::Config {
+        redis_url: Some("not-a-url".into()),
+        ..test_config()
+    };
+    let e = config
+        .validate()
+        .expect_err("Config::validate accepts --redis-url not-a-url");
+    assert!(e.to_string().contains("--redis-url"), "{e}");
+    if let Ok(server) = agentcast::spawn(config) {
+        panic!(
+            "agentcast::spawn served with --redis-url not-a-url on {}",
+            server.addr()
+        );
+    }
+}
