@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use futures_util::future::join_all;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -801,6 +802,95 @@ async fn run_starts_per_minute_count_across_nodes() {
         BTreeSet::from([r1.as_str(), r2.as_str(), r3.as_str()]),
         "only the three accepted runs ran"
     );
+}
+
+/// `--max-connections-per-user` is per node (PROTOCOL.md §10 lets it be either, and asks to
+/// say which): with 2 on both nodes, two tabs of one user on A and two on B are all served
+/// (each gets the user's run); a third on A, and a third on B, are upgraded and then closed
+/// 1008 "too many connections", as on one node (tests/it/limits.rs), and counted in that
+/// node's `agentcast_connections_refused_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_per_user_is_per_node() {
+    const REFUSED: &str = "agentcast_connections_refused_total{reason=\"too_many_connections\"}";
+    let redis = RedisServer::start();
+    let nodes = spawn_child_nodes(&redis, 2, &["--max-connections-per-user", "2"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut tabs = vec![
+        Tab::open(a, "alice").await,
+        Tab::open(a, "alice").await,
+        Tab::open(b, "alice").await,
+        Tab::open(b, "alice").await,
+    ];
+    for t in &mut tabs {
+        t.c.assert_alive().await;
+    }
+    for node in [a, b] {
+        assert_eq!(
+            scrape(node.addr).await.get(REFUSED),
+            0.0,
+            "node {}: two connections of a user refused nothing",
+            node.id
+        );
+    }
+
+    assert_refused_1008_on(a, "alice").await;
+    assert_eq!(scrape(a.addr).await.get(REFUSED), 1.0, "node A");
+    assert_eq!(
+        scrape(b.addr).await.get(REFUSED),
+        0.0,
+        "node B refused nothing"
+    );
+    assert_refused_1008_on(b, "alice").await;
+    assert_eq!(scrape(b.addr).await.get(REFUSED), 1.0, "node B");
+
+    // The four that are in are untouched, on both nodes.
+    let run = tabs[0].c.start_run("echo", json!("to four tabs")).await;
+    let mut seen = Vec::new();
+    for t in &mut tabs {
+        t.until_completed(&[&run]).await;
+        seen.push(t.run_events(&run));
+    }
+    check_run(&seen[0], &run, None);
+    for (t, s) in tabs.iter().zip(&seen) {
+        assert_eq!(s, &seen[0], "{}: another sequence of the run", t.name);
+    }
+}
+
+/// A WebSocket connection to `node` over the user's connection limit: the upgrade succeeds,
+/// and the first thing that comes is a close 1008 whose reason says too many connections (as
+/// tests/it/limits.rs checks on one node).
+async fn assert_refused_1008_on(node: &Node, user: &str) {
+    let url = format!("{}?token={}", node.ws_url(), node.token(user));
+    let what = format!("{user}@{} over the limit", node.id);
+    let (mut ws, response) =
+        match tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(url)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => panic!(
+                "{what}: the connection must still be upgraded, got {}",
+                describe_error(&e)
+            ),
+            Err(_) => panic!("{what}: handshake timed out"),
+        };
+    assert_eq!(response.status().as_u16(), 101, "{what}");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not closed within {TIMEOUT:?}"));
+        match msg {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1008, "{what}: close {frame:?}");
+                let reason = frame.reason.as_str().to_ascii_lowercase();
+                assert!(
+                    reason.contains("too many connections"),
+                    "{what}: close reason {reason:?}"
+                );
+                return;
+            }
+            Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}
+            other => panic!("{what}: expected close 1008 first, got {other:?}"),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
