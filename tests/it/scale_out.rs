@@ -667,6 +667,55 @@ async fn resume_on_another_node() {
     assert_resumed(&resumed.data(), k + 1, last, None);
 }
 
+/// A node started after a run completed serves the user's whole history from Redis: a run
+/// completes on A (tabs on A and B); then node C starts, and a connection to C with
+/// `?after_seq=0` gets the same epoch and last_seq, the run's events exactly as A's tab read
+/// them (C never saw them: they come from the stream), then `resumed{1, last_seq}`, and
+/// nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_serves_a_user_whose_history_it_never_saw() {
+    let redis = RedisServer::start();
+    let nodes = spawn_child_nodes(&redis, 2, &[]).await;
+    let mut ta = Tab::open(&nodes[0], "alice").await;
+    let mut tb = Tab::open(&nodes[1], "alice").await;
+    let epoch = ta.epoch();
+    assert_eq!(
+        ta.welcome_last_seq(),
+        0,
+        "a fresh Redis: alice has no history"
+    );
+
+    let run = ta.c.start_run("scripted", mixed_run("before C")).await;
+    let events = ta.until_completed(&[&run]).await;
+    tb.until_completed(&[&run]).await;
+    assert_eq!(tb.events(), events, "A's and B's tabs");
+    check_run(&events, &run, None);
+    assert_seqs_from(&events, 1, "the run on A");
+    let last = ta.last_seq();
+
+    // C did not exist while the run ran: it can only have the run from Redis.
+    let c = Node::spawn_child(&redis.url(), &node_id(2), &[]).await;
+    let mut tc = Tab::open_query(&c, "alice", "after_seq=0").await;
+    assert_eq!(tc.epoch(), epoch, "C gives the epoch A and B gave");
+    assert_eq!(tc.welcome_last_seq(), last, "C's welcome.last_seq");
+    let resumed = tc.until("resumed", |f| f["type"] == "resumed").await;
+    assert_eq!(
+        tc.events(),
+        events,
+        "C's replay from after_seq=0 must be the whole run, as A's tab read it"
+    );
+    assert_resumed(&resumed, 1, last, None);
+    assert!(
+        tc.seen.last() == Some(&resumed),
+        "resumed must come after the replayed events: {:#?}",
+        tc.seen
+    );
+    assert!(
+        ping_flush(&mut tc.c, "flush").await.is_empty(),
+        "frames on C after resumed"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The limits are the cluster's
 // ---------------------------------------------------------------------------------------------
