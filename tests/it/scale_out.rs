@@ -1287,6 +1287,110 @@ fn assert_gap(f: &Value, what: &str) {
     );
 }
 
+/// One node with `--redis-max-pending 20` (and a node timeout far longer than the test, so
+/// nobody is taken for lost): a run thinks 50 times a second; Redis is paused (SIGSTOP) until
+/// the node's `agentcast_redis_pending_events` exceeds 20, then resumed. The tab gets the run's
+/// events seq-contiguous, each once, its thoughts in script order with none missing (the held
+/// events went out), ending with `agent_completed` `failed`, error code `unavailable`, and
+/// nothing of the run after it. A run started afterwards succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_overflows_the_held_events_ends_unavailable() {
+    const MAX_PENDING: f64 = 20.0;
+    let redis = RedisServer::start();
+    let nodes = spawn_child_nodes(
+        &redis,
+        1,
+        &["--redis-max-pending", "20", "--node-timeout-ms", "60000"],
+    )
+    .await;
+    let node = &nodes[0];
+    let mut tab = Tab::open(node, "alice").await;
+    let base = tab.welcome_last_seq();
+
+    // 600 thoughts 20 ms apart: ~12 s unless something ends it.
+    let steps: Vec<Value> = (0..600)
+        .flat_map(|i| [json!({"think": format!("k{i}")}), json!({"sleep_ms": 20})])
+        .collect();
+    let run = tab
+        .c
+        .start_run("scripted", scripted(Value::Array(steps)))
+        .await;
+    tab.until("10 events", |f| is_event(f) && f["seq"] == base + 10)
+        .await;
+    assert!(
+        tab.run_events(&run)
+            .iter()
+            .all(|e| e["type"] != "agent_completed"),
+        "the run ended before Redis was paused: {:#?}",
+        tab.run_events(&run)
+    );
+
+    redis.pause();
+    let paused_at = now_micros();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let held = loop {
+        let pending = scrape(node.addr)
+            .await
+            .get("agentcast_redis_pending_events");
+        if pending > MAX_PENDING {
+            break pending;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis paused for {TIMEOUT:?}: agentcast_redis_pending_events is {pending}, never over \
+             --redis-max-pending {MAX_PENDING}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("{held} events held when Redis was resumed");
+    redis.resume();
+
+    let done = tab.event(&run, "agent_completed").await;
+    assert_eq!(done["data"]["status"], "failed", "{done}");
+    assert_error_obj(&done["data"]["error"]);
+    assert_eq!(done["data"]["error"]["code"], "unavailable", "{done}");
+    assert!(
+        event_ts_micros(&done) > paused_at,
+        "the run ended before Redis was paused: {done}"
+    );
+    let events = tab.run_events(&run);
+    check_run(&events, &run, None);
+    assert_seqs_from(&tab.events(), base + 1, "the tab, through the pause");
+    let thoughts: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "agent_thinking")
+        .map(|e| e["data"]["text"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..thoughts.len()).map(|i| format!("k{i}")).collect();
+    assert_eq!(
+        thoughts, want,
+        "the thoughts must be the script's first ones, in order, none missing or repeated"
+    );
+    assert!(
+        thoughts.len() as f64 > MAX_PENDING,
+        "over {MAX_PENDING} events were held, yet the run has only {} thoughts: held events were \
+         lost",
+        thoughts.len()
+    );
+
+    // Redis is back: the next run works, and nothing more of the failed one came.
+    let again = tab.c.start_run("echo", json!("after the overflow")).await;
+    tab.event(&again, "agent_completed").await;
+    let after = tab.run_events(&again);
+    check_run(&after, &again, None);
+    assert_eq!(after.last().unwrap()["data"]["status"], "succeeded");
+    assert!(
+        ping_flush(&mut tab.c, "flush").await.is_empty(),
+        "frames after the second run"
+    );
+    assert_eq!(
+        tab.run_events(&run),
+        events,
+        "events of the failed run came after its agent_completed"
+    );
+    assert_seqs_from(&tab.events(), base + 1, "the tab, both runs");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Many users
 // ---------------------------------------------------------------------------------------------
