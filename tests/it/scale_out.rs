@@ -1,8 +1,10 @@
 //! Several nodes on one Redis (PROTOCOL.md §10): a real `redis-server` (common/redis.rs) and
 //! two or three real agentcast nodes sharing it, with real WebSocket clients. One test per
 //! rule: the same events with the same `seq` on every node, cancel, `GET /v1/runs/{id}` and
-//! resume from any node, the cluster's run limits, a node killed mid-run, and Redis paused,
-//! down, and restarted empty.
+//! resume from any node (one started after the events included), the cluster's run limits and
+//! the per-node connection limit, a node killed or cut off from Redis mid-run, Redis paused
+//! (also past the bound on held events), down, and restarted empty, and a `--redis-url` that
+//! is not one.
 //!
 //! Each test starts a Redis of its own. Waits are on events; the few polls (of `/metrics` or a
 //! run's view) have a deadline.
@@ -14,6 +16,8 @@ use crate::common::*;
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 // ---------------------------------------------------------------------------------------------
@@ -1012,6 +1016,296 @@ async fn a_killed_nodes_runs_end_node_lost() {
     let again = back.c.start_run("echo", json!("after the loss")).await;
     back.event(&again, "agent_completed").await;
     assert_seqs_from(&back.events(), k + 1, "B after the loss");
+}
+
+/// Node A reaches Redis through a [`CutProxy`], node B directly (`--node-timeout-ms 1000`). A
+/// run on A is in a long `sleep` call (progress every 2 s) when A is cut off from Redis. A tab
+/// on B gets `tool_completed` ok:false `node_lost` for the open call, then `agent_completed`
+/// `failed` `node_lost`, within two node timeouts (plus slack) of the cut, while A says Redis
+/// is down (so the loss is the cut's doing). Then A is reconnected: it stops the run's actor
+/// (its `agentcast_runs_running` falls to 0, long before the sleep would have ended), what the
+/// actor still emitted never reaches a tab, A serves a new run, and the user's tab on A
+/// (resumed, if A closed it) and the tab on B read the same sequence, seq contiguous, with
+/// nothing of the lost run after its `agent_completed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_is_taken_for_lost() {
+    const NODE_TIMEOUT: Duration = Duration::from_millis(1000);
+    /// The run's sleep call; the tool reports progress every tenth of it.
+    const SLEEP_MS: u64 = 20_000;
+    let redis = RedisServer::start();
+    let proxy = CutProxy::start(redis.port()).await;
+    let args = ["--node-timeout-ms", "1000"];
+    let nodes = vec![
+        Node::spawn_child(&proxy.url(), &node_id(0), &args).await,
+        Node::spawn_child(&redis.url(), &node_id(1), &args).await,
+    ];
+    let (a, b) = (&nodes[0], &nodes[1]);
+    wait_redis_up(&nodes, 1.0).await;
+    let mut ta = Tab::open(a, "alice").await;
+    let mut tb = Tab::open(b, "alice").await;
+    let epoch = ta.epoch();
+    let base = ta.welcome_last_seq();
+
+    let run =
+        ta.c.start_run(
+            "scripted",
+            scripted(json!([
+                {"think": "working"},
+                {"tool": "sleep", "args": {"ms": SLEEP_MS}},
+                {"text": "never"}
+            ])),
+        )
+        .await;
+    let executing = tb.event(&run, "tool_executing").await;
+    let executing_at = Instant::now();
+    ta.event(&run, "tool_executing").await;
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    let tool_done = tb.event(&run, "tool_completed").await;
+    let done = tb.event(&run, "agent_completed").await;
+    let took = cut_at.elapsed();
+    eprintln!("node_lost {took:?} after the cut");
+    assert!(
+        took <= 2 * NODE_TIMEOUT + SLACK,
+        "agent_completed node_lost came {took:?} after A was cut off (node timeout \
+         {NODE_TIMEOUT:?}); B's log: {:#?}",
+        b.log()
+    );
+    assert_eq!(
+        tool_done["data"]["tool_call_id"], executing["data"]["tool_call_id"],
+        "{tool_done}"
+    );
+    assert_eq!(tool_done["data"]["ok"], false, "{tool_done}");
+    assert_error_obj(&tool_done["data"]["error"]);
+    assert_eq!(
+        tool_done["data"]["error"]["code"], "node_lost",
+        "{tool_done}"
+    );
+    assert_eq!(done["data"]["status"], "failed", "{done}");
+    assert_error_obj(&done["data"]["error"]);
+    assert_eq!(done["data"]["error"]["code"], "node_lost", "{done}");
+    let lost = tb.run_events(&run);
+    check_run(&lost, &run, None);
+    let a_metrics = scrape(a.addr).await;
+    assert_eq!(
+        a_metrics.get("agentcast_redis_up"),
+        0.0,
+        "test fixture: A still reaches Redis through the cut proxy"
+    );
+    eprintln!(
+        "A's agentcast_runs_running while cut off: {}",
+        a_metrics.get("agentcast_runs_running")
+    );
+    assert_eq!(
+        scrape(b.addr).await.get("agentcast_runs_node_lost_total"),
+        1.0,
+        "B ended A's run"
+    );
+
+    // A is back. Its run actor still emits (progress every SLEEP_MS / 10): Redis refuses that,
+    // and A stops the actor.
+    proxy.restore();
+    event_resuming(&mut ta, a, "alice", &run, "agent_completed").await;
+    wait_metric_within(
+        a.addr,
+        "agentcast_runs_running",
+        0.0,
+        Duration::from_millis(SLEEP_MS / 10) + SLACK,
+    )
+    .await;
+    assert!(
+        executing_at.elapsed() < Duration::from_millis(SLEEP_MS),
+        "test timing: the sleep may have ended by itself, not been stopped"
+    );
+
+    // A serves again: a new run on A reaches both tabs. (A may refuse starts `unavailable`
+    // for a moment after Redis answers again, as PROTOCOL.md §3 allows: try again later.)
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let again = loop {
+        let reply =
+            ta.c.request(json!({"type": "start_run", "agent": "echo", "input": "A is back"}))
+                .await;
+        if reply["type"] == "ack" {
+            break reply["run_id"].as_str().unwrap().to_string();
+        }
+        assert_error_code(&reply, "unavailable", "start_run on A after the cut");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A still refuses starts {TIMEOUT:?} after it was reconnected: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    event_resuming(&mut ta, a, "alice", &again, "agent_completed").await;
+    tb.event(&again, "agent_completed").await;
+    for t in [&mut ta, &mut tb] {
+        assert!(
+            ping_flush(&mut t.c, "flush").await.is_empty(),
+            "{}: frames after the new run",
+            t.name
+        );
+    }
+
+    assert_eq!(ta.epoch(), epoch, "a cut must not change the epoch");
+    for t in [&ta, &tb] {
+        assert_eq!(
+            t.run_events(&run),
+            lost,
+            "{}: the lost run, ending with node_lost and nothing after",
+            t.name
+        );
+        let new = t.run_events(&again);
+        check_run(&new, &again, None);
+        assert_eq!(
+            new.last().unwrap()["data"]["status"],
+            "succeeded",
+            "{}",
+            t.name
+        );
+        assert_seqs_from(&t.events(), base + 1, &t.name);
+    }
+    assert_eq!(
+        ta.events(),
+        tb.events(),
+        "the tab on A and the tab on B read different sequences"
+    );
+}
+
+/// Reads like [`Tab::event`] until the run's event of type `ty`, but when the server closes
+/// the connection (or it ends), opens another on `node` with `?after_seq=<last seq
+/// read>&epoch=<epoch>`, as a client does, and reads on; the replay and `resumed` count as
+/// read.
+async fn event_resuming(t: &mut Tab, node: &Node, user: &str, run: &str, ty: &str) -> Value {
+    let what = format!("{ty} of {run}");
+    let pred = |f: &Value| is_event(f) && f["run_id"] == run && f["type"] == ty;
+    if let Some(f) = t.seen.iter().find(|f| pred(f)) {
+        return f.clone();
+    }
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        // Frames the client kept back (read while waiting for a reply) first.
+        while !t.c.kept().is_empty() {
+            let f = t.c.next_json().await;
+            if f["type"] == "heartbeat" {
+                continue;
+            }
+            t.seen.push(f.clone());
+            if pred(&f) {
+                return f;
+            }
+        }
+        let Ok(msg) = tokio::time::timeout_at(deadline, t.c.next_message()).await else {
+            panic!(
+                "{}: no {what} within {TIMEOUT:?}; the last frames read: {:#?}",
+                t.name,
+                &t.seen[t.seen.len().saturating_sub(10)..]
+            )
+        };
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                let f: Value = serde_json::from_str(text.as_str()).expect("a JSON frame");
+                if f["type"] == "heartbeat" {
+                    continue;
+                }
+                t.seen.push(f.clone());
+                if pred(&f) {
+                    return f;
+                }
+            }
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                eprintln!("{}: closed by the server ({msg:?}); resuming", t.name);
+                let query = format!(
+                    "after_seq={}&epoch={}",
+                    t.last_seq(),
+                    percent_encode(&t.epoch())
+                );
+                t.c = node.connect_query(user, &query).await;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// A TCP proxy in front of Redis, for one node: [`CutProxy::cut`] cuts that node off as a
+/// network partition does (connections stay open and new ones are accepted, but no byte is
+/// forwarded either way), while other nodes still reach Redis directly; [`CutProxy::restore`]
+/// lets the held bytes flow on.
+struct CutProxy {
+    port: u16,
+    cut: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    async fn start(redis_port: u16) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let (cut, cut_rx) = watch::channel(false);
+        let accept = tokio::spawn(async move {
+            while let Ok((node_side, _)) = listener.accept().await {
+                let cut = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(redis_side) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                    else {
+                        return;
+                    };
+                    let _ = node_side.set_nodelay(true);
+                    let _ = redis_side.set_nodelay(true);
+                    let (node_read, node_write) = node_side.into_split();
+                    let (redis_read, redis_write) = redis_side.into_split();
+                    tokio::join!(
+                        pump(node_read, redis_write, cut.clone()),
+                        pump(redis_read, node_write, cut)
+                    );
+                });
+            }
+        });
+        CutProxy { port, cut, accept }
+    }
+
+    /// `redis://127.0.0.1:PORT` of the proxy.
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while the link is cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.wait_for(|cut| !*cut).await.is_err() {
+            break;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------------------------
