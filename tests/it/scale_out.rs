@@ -1,8 +1,10 @@
 //! Several nodes on one Redis (PROTOCOL.md §10): a real `redis-server` (common/redis.rs) and
 //! two or three real agentcast nodes sharing it, with real WebSocket clients. One test per
 //! rule: the same events with the same `seq` on every node, cancel, `GET /v1/runs/{id}` and
-//! resume from any node, the cluster's run limits, a node killed mid-run, and Redis paused,
-//! down, and restarted empty.
+//! resume from any node (one started after the events included), the cluster's run limits and
+//! the per-node connection limit, a node killed or cut off from Redis mid-run, Redis paused
+//! (also past the bound on held events), down, and restarted empty, and a `--redis-url` that
+//! is not one.
 //!
 //! Each test starts a Redis of its own. Waits are on events; the few polls (of `/metrics` or a
 //! run's view) have a deadline.
@@ -12,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use futures_util::future::join_all;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 // ---------------------------------------------------------------------------------------------
@@ -666,6 +671,55 @@ async fn resume_on_another_node() {
     assert_resumed(&resumed.data(), k + 1, last, None);
 }
 
+/// A node started after a run completed serves the user's whole history from Redis: a run
+/// completes on A (tabs on A and B); then node C starts, and a connection to C with
+/// `?after_seq=0` gets the same epoch and last_seq, the run's events exactly as A's tab read
+/// them (C never saw them: they come from the stream), then `resumed{1, last_seq}`, and
+/// nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_serves_a_user_whose_history_it_never_saw() {
+    let redis = RedisServer::start();
+    let nodes = spawn_child_nodes(&redis, 2, &[]).await;
+    let mut ta = Tab::open(&nodes[0], "alice").await;
+    let mut tb = Tab::open(&nodes[1], "alice").await;
+    let epoch = ta.epoch();
+    assert_eq!(
+        ta.welcome_last_seq(),
+        0,
+        "a fresh Redis: alice has no history"
+    );
+
+    let run = ta.c.start_run("scripted", mixed_run("before C")).await;
+    let events = ta.until_completed(&[&run]).await;
+    tb.until_completed(&[&run]).await;
+    assert_eq!(tb.events(), events, "A's and B's tabs");
+    check_run(&events, &run, None);
+    assert_seqs_from(&events, 1, "the run on A");
+    let last = ta.last_seq();
+
+    // C did not exist while the run ran: it can only have the run from Redis.
+    let c = Node::spawn_child(&redis.url(), &node_id(2), &[]).await;
+    let mut tc = Tab::open_query(&c, "alice", "after_seq=0").await;
+    assert_eq!(tc.epoch(), epoch, "C gives the epoch A and B gave");
+    assert_eq!(tc.welcome_last_seq(), last, "C's welcome.last_seq");
+    let resumed = tc.until("resumed", |f| f["type"] == "resumed").await;
+    assert_eq!(
+        tc.events(),
+        events,
+        "C's replay from after_seq=0 must be the whole run, as A's tab read it"
+    );
+    assert_resumed(&resumed, 1, last, None);
+    assert!(
+        tc.seen.last() == Some(&resumed),
+        "resumed must come after the replayed events: {:#?}",
+        tc.seen
+    );
+    assert!(
+        ping_flush(&mut tc.c, "flush").await.is_empty(),
+        "frames on C after resumed"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The limits are the cluster's
 // ---------------------------------------------------------------------------------------------
@@ -803,6 +857,95 @@ async fn run_starts_per_minute_count_across_nodes() {
     );
 }
 
+/// `--max-connections-per-user` is per node (PROTOCOL.md §10 lets it be either, and asks to
+/// say which): with 2 on both nodes, two tabs of one user on A and two on B are all served
+/// (each gets the user's run); a third on A, and a third on B, are upgraded and then closed
+/// 1008 "too many connections", as on one node (tests/it/limits.rs), and counted in that
+/// node's `agentcast_connections_refused_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_per_user_is_per_node() {
+    const REFUSED: &str = "agentcast_connections_refused_total{reason=\"too_many_connections\"}";
+    let redis = RedisServer::start();
+    let nodes = spawn_child_nodes(&redis, 2, &["--max-connections-per-user", "2"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut tabs = vec![
+        Tab::open(a, "alice").await,
+        Tab::open(a, "alice").await,
+        Tab::open(b, "alice").await,
+        Tab::open(b, "alice").await,
+    ];
+    for t in &mut tabs {
+        t.c.assert_alive().await;
+    }
+    for node in [a, b] {
+        assert_eq!(
+            scrape(node.addr).await.get(REFUSED),
+            0.0,
+            "node {}: two connections of a user refused nothing",
+            node.id
+        );
+    }
+
+    assert_refused_1008_on(a, "alice").await;
+    assert_eq!(scrape(a.addr).await.get(REFUSED), 1.0, "node A");
+    assert_eq!(
+        scrape(b.addr).await.get(REFUSED),
+        0.0,
+        "node B refused nothing"
+    );
+    assert_refused_1008_on(b, "alice").await;
+    assert_eq!(scrape(b.addr).await.get(REFUSED), 1.0, "node B");
+
+    // The four that are in are untouched, on both nodes.
+    let run = tabs[0].c.start_run("echo", json!("to four tabs")).await;
+    let mut seen = Vec::new();
+    for t in &mut tabs {
+        t.until_completed(&[&run]).await;
+        seen.push(t.run_events(&run));
+    }
+    check_run(&seen[0], &run, None);
+    for (t, s) in tabs.iter().zip(&seen) {
+        assert_eq!(s, &seen[0], "{}: another sequence of the run", t.name);
+    }
+}
+
+/// A WebSocket connection to `node` over the user's connection limit: the upgrade succeeds,
+/// and the first thing that comes is a close 1008 whose reason says too many connections (as
+/// tests/it/limits.rs checks on one node).
+async fn assert_refused_1008_on(node: &Node, user: &str) {
+    let url = format!("{}?token={}", node.ws_url(), node.token(user));
+    let what = format!("{user}@{} over the limit", node.id);
+    let (mut ws, response) =
+        match tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(url)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => panic!(
+                "{what}: the connection must still be upgraded, got {}",
+                describe_error(&e)
+            ),
+            Err(_) => panic!("{what}: handshake timed out"),
+        };
+    assert_eq!(response.status().as_u16(), 101, "{what}");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not closed within {TIMEOUT:?}"));
+        match msg {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1008, "{what}: close {frame:?}");
+                let reason = frame.reason.as_str().to_ascii_lowercase();
+                assert!(
+                    reason.contains("too many connections"),
+                    "{what}: close reason {reason:?}"
+                );
+                return;
+            }
+            Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}
+            other => panic!("{what}: expected close 1008 first, got {other:?}"),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A node dies
 // ---------------------------------------------------------------------------------------------
@@ -873,6 +1016,296 @@ async fn a_killed_nodes_runs_end_node_lost() {
     let again = back.c.start_run("echo", json!("after the loss")).await;
     back.event(&again, "agent_completed").await;
     assert_seqs_from(&back.events(), k + 1, "B after the loss");
+}
+
+/// Node A reaches Redis through a [`CutProxy`], node B directly (`--node-timeout-ms 1000`). A
+/// run on A is in a long `sleep` call (progress every 2 s) when A is cut off from Redis. A tab
+/// on B gets `tool_completed` ok:false `node_lost` for the open call, then `agent_completed`
+/// `failed` `node_lost`, within two node timeouts (plus slack) of the cut, while A says Redis
+/// is down (so the loss is the cut's doing). Then A is reconnected: it stops the run's actor
+/// (its `agentcast_runs_running` falls to 0, long before the sleep would have ended), what the
+/// actor still emitted never reaches a tab, A serves a new run, and the user's tab on A
+/// (resumed, if A closed it) and the tab on B read the same sequence, seq contiguous, with
+/// nothing of the lost run after its `agent_completed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_is_taken_for_lost() {
+    const NODE_TIMEOUT: Duration = Duration::from_millis(1000);
+    /// The run's sleep call; the tool reports progress every tenth of it.
+    const SLEEP_MS: u64 = 20_000;
+    let redis = RedisServer::start();
+    let proxy = CutProxy::start(redis.port()).await;
+    let args = ["--node-timeout-ms", "1000"];
+    let nodes = vec![
+        Node::spawn_child(&proxy.url(), &node_id(0), &args).await,
+        Node::spawn_child(&redis.url(), &node_id(1), &args).await,
+    ];
+    let (a, b) = (&nodes[0], &nodes[1]);
+    wait_redis_up(&nodes, 1.0).await;
+    let mut ta = Tab::open(a, "alice").await;
+    let mut tb = Tab::open(b, "alice").await;
+    let epoch = ta.epoch();
+    let base = ta.welcome_last_seq();
+
+    let run =
+        ta.c.start_run(
+            "scripted",
+            scripted(json!([
+                {"think": "working"},
+                {"tool": "sleep", "args": {"ms": SLEEP_MS}},
+                {"text": "never"}
+            ])),
+        )
+        .await;
+    let executing = tb.event(&run, "tool_executing").await;
+    let executing_at = Instant::now();
+    ta.event(&run, "tool_executing").await;
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    let tool_done = tb.event(&run, "tool_completed").await;
+    let done = tb.event(&run, "agent_completed").await;
+    let took = cut_at.elapsed();
+    eprintln!("node_lost {took:?} after the cut");
+    assert!(
+        took <= 2 * NODE_TIMEOUT + SLACK,
+        "agent_completed node_lost came {took:?} after A was cut off (node timeout \
+         {NODE_TIMEOUT:?}); B's log: {:#?}",
+        b.log()
+    );
+    assert_eq!(
+        tool_done["data"]["tool_call_id"], executing["data"]["tool_call_id"],
+        "{tool_done}"
+    );
+    assert_eq!(tool_done["data"]["ok"], false, "{tool_done}");
+    assert_error_obj(&tool_done["data"]["error"]);
+    assert_eq!(
+        tool_done["data"]["error"]["code"], "node_lost",
+        "{tool_done}"
+    );
+    assert_eq!(done["data"]["status"], "failed", "{done}");
+    assert_error_obj(&done["data"]["error"]);
+    assert_eq!(done["data"]["error"]["code"], "node_lost", "{done}");
+    let lost = tb.run_events(&run);
+    check_run(&lost, &run, None);
+    let a_metrics = scrape(a.addr).await;
+    assert_eq!(
+        a_metrics.get("agentcast_redis_up"),
+        0.0,
+        "test fixture: A still reaches Redis through the cut proxy"
+    );
+    eprintln!(
+        "A's agentcast_runs_running while cut off: {}",
+        a_metrics.get("agentcast_runs_running")
+    );
+    assert_eq!(
+        scrape(b.addr).await.get("agentcast_runs_node_lost_total"),
+        1.0,
+        "B ended A's run"
+    );
+
+    // A is back. Its run actor still emits (progress every SLEEP_MS / 10): Redis refuses that,
+    // and A stops the actor.
+    proxy.restore();
+    event_resuming(&mut ta, a, "alice", &run, "agent_completed").await;
+    wait_metric_within(
+        a.addr,
+        "agentcast_runs_running",
+        0.0,
+        Duration::from_millis(SLEEP_MS / 10) + SLACK,
+    )
+    .await;
+    assert!(
+        executing_at.elapsed() < Duration::from_millis(SLEEP_MS),
+        "test timing: the sleep may have ended by itself, not been stopped"
+    );
+
+    // A serves again: a new run on A reaches both tabs. (A may refuse starts `unavailable`
+    // for a moment after Redis answers again, as PROTOCOL.md §3 allows: try again later.)
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let again = loop {
+        let reply =
+            ta.c.request(json!({"type": "start_run", "agent": "echo", "input": "A is back"}))
+                .await;
+        if reply["type"] == "ack" {
+            break reply["run_id"].as_str().unwrap().to_string();
+        }
+        assert_error_code(&reply, "unavailable", "start_run on A after the cut");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A still refuses starts {TIMEOUT:?} after it was reconnected: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    event_resuming(&mut ta, a, "alice", &again, "agent_completed").await;
+    tb.event(&again, "agent_completed").await;
+    for t in [&mut ta, &mut tb] {
+        assert!(
+            ping_flush(&mut t.c, "flush").await.is_empty(),
+            "{}: frames after the new run",
+            t.name
+        );
+    }
+
+    assert_eq!(ta.epoch(), epoch, "a cut must not change the epoch");
+    for t in [&ta, &tb] {
+        assert_eq!(
+            t.run_events(&run),
+            lost,
+            "{}: the lost run, ending with node_lost and nothing after",
+            t.name
+        );
+        let new = t.run_events(&again);
+        check_run(&new, &again, None);
+        assert_eq!(
+            new.last().unwrap()["data"]["status"],
+            "succeeded",
+            "{}",
+            t.name
+        );
+        assert_seqs_from(&t.events(), base + 1, &t.name);
+    }
+    assert_eq!(
+        ta.events(),
+        tb.events(),
+        "the tab on A and the tab on B read different sequences"
+    );
+}
+
+/// Reads like [`Tab::event`] until the run's event of type `ty`, but when the server closes
+/// the connection (or it ends), opens another on `node` with `?after_seq=<last seq
+/// read>&epoch=<epoch>`, as a client does, and reads on; the replay and `resumed` count as
+/// read.
+async fn event_resuming(t: &mut Tab, node: &Node, user: &str, run: &str, ty: &str) -> Value {
+    let what = format!("{ty} of {run}");
+    let pred = |f: &Value| is_event(f) && f["run_id"] == run && f["type"] == ty;
+    if let Some(f) = t.seen.iter().find(|f| pred(f)) {
+        return f.clone();
+    }
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        // Frames the client kept back (read while waiting for a reply) first.
+        while !t.c.kept().is_empty() {
+            let f = t.c.next_json().await;
+            if f["type"] == "heartbeat" {
+                continue;
+            }
+            t.seen.push(f.clone());
+            if pred(&f) {
+                return f;
+            }
+        }
+        let Ok(msg) = tokio::time::timeout_at(deadline, t.c.next_message()).await else {
+            panic!(
+                "{}: no {what} within {TIMEOUT:?}; the last frames read: {:#?}",
+                t.name,
+                &t.seen[t.seen.len().saturating_sub(10)..]
+            )
+        };
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                let f: Value = serde_json::from_str(text.as_str()).expect("a JSON frame");
+                if f["type"] == "heartbeat" {
+                    continue;
+                }
+                t.seen.push(f.clone());
+                if pred(&f) {
+                    return f;
+                }
+            }
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                eprintln!("{}: closed by the server ({msg:?}); resuming", t.name);
+                let query = format!(
+                    "after_seq={}&epoch={}",
+                    t.last_seq(),
+                    percent_encode(&t.epoch())
+                );
+                t.c = node.connect_query(user, &query).await;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// A TCP proxy in front of Redis, for one node: [`CutProxy::cut`] cuts that node off as a
+/// network partition does (connections stay open and new ones are accepted, but no byte is
+/// forwarded either way), while other nodes still reach Redis directly; [`CutProxy::restore`]
+/// lets the held bytes flow on.
+struct CutProxy {
+    port: u16,
+    cut: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    async fn start(redis_port: u16) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let (cut, cut_rx) = watch::channel(false);
+        let accept = tokio::spawn(async move {
+            while let Ok((node_side, _)) = listener.accept().await {
+                let cut = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(redis_side) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                    else {
+                        return;
+                    };
+                    let _ = node_side.set_nodelay(true);
+                    let _ = redis_side.set_nodelay(true);
+                    let (node_read, node_write) = node_side.into_split();
+                    let (redis_read, redis_write) = redis_side.into_split();
+                    tokio::join!(
+                        pump(node_read, redis_write, cut.clone()),
+                        pump(redis_read, node_write, cut)
+                    );
+                });
+            }
+        });
+        CutProxy { port, cut, accept }
+    }
+
+    /// `redis://127.0.0.1:PORT` of the proxy.
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while the link is cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.wait_for(|cut| !*cut).await.is_err() {
+            break;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1148,6 +1581,110 @@ fn assert_gap(f: &Value, what: &str) {
     );
 }
 
+/// One node with `--redis-max-pending 20` (and a node timeout far longer than the test, so
+/// nobody is taken for lost): a run thinks 50 times a second; Redis is paused (SIGSTOP) until
+/// the node's `agentcast_redis_pending_events` exceeds 20, then resumed. The tab gets the run's
+/// events seq-contiguous, each once, its thoughts in script order with none missing (the held
+/// events went out), ending with `agent_completed` `failed`, error code `unavailable`, and
+/// nothing of the run after it. A run started afterwards succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_overflows_the_held_events_ends_unavailable() {
+    const MAX_PENDING: f64 = 20.0;
+    let redis = RedisServer::start();
+    let nodes = spawn_child_nodes(
+        &redis,
+        1,
+        &["--redis-max-pending", "20", "--node-timeout-ms", "60000"],
+    )
+    .await;
+    let node = &nodes[0];
+    let mut tab = Tab::open(node, "alice").await;
+    let base = tab.welcome_last_seq();
+
+    // 600 thoughts 20 ms apart: ~12 s unless something ends it.
+    let steps: Vec<Value> = (0..600)
+        .flat_map(|i| [json!({"think": format!("k{i}")}), json!({"sleep_ms": 20})])
+        .collect();
+    let run = tab
+        .c
+        .start_run("scripted", scripted(Value::Array(steps)))
+        .await;
+    tab.until("10 events", |f| is_event(f) && f["seq"] == base + 10)
+        .await;
+    assert!(
+        tab.run_events(&run)
+            .iter()
+            .all(|e| e["type"] != "agent_completed"),
+        "the run ended before Redis was paused: {:#?}",
+        tab.run_events(&run)
+    );
+
+    redis.pause();
+    let paused_at = now_micros();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let held = loop {
+        let pending = scrape(node.addr)
+            .await
+            .get("agentcast_redis_pending_events");
+        if pending > MAX_PENDING {
+            break pending;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis paused for {TIMEOUT:?}: agentcast_redis_pending_events is {pending}, never over \
+             --redis-max-pending {MAX_PENDING}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("{held} events held when Redis was resumed");
+    redis.resume();
+
+    let done = tab.event(&run, "agent_completed").await;
+    assert_eq!(done["data"]["status"], "failed", "{done}");
+    assert_error_obj(&done["data"]["error"]);
+    assert_eq!(done["data"]["error"]["code"], "unavailable", "{done}");
+    assert!(
+        event_ts_micros(&done) > paused_at,
+        "the run ended before Redis was paused: {done}"
+    );
+    let events = tab.run_events(&run);
+    check_run(&events, &run, None);
+    assert_seqs_from(&tab.events(), base + 1, "the tab, through the pause");
+    let thoughts: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "agent_thinking")
+        .map(|e| e["data"]["text"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..thoughts.len()).map(|i| format!("k{i}")).collect();
+    assert_eq!(
+        thoughts, want,
+        "the thoughts must be the script's first ones, in order, none missing or repeated"
+    );
+    assert!(
+        thoughts.len() as f64 > MAX_PENDING,
+        "over {MAX_PENDING} events were held, yet the run has only {} thoughts: held events were \
+         lost",
+        thoughts.len()
+    );
+
+    // Redis is back: the next run works, and nothing more of the failed one came.
+    let again = tab.c.start_run("echo", json!("after the overflow")).await;
+    tab.event(&again, "agent_completed").await;
+    let after = tab.run_events(&again);
+    check_run(&after, &again, None);
+    assert_eq!(after.last().unwrap()["data"]["status"], "succeeded");
+    assert!(
+        ping_flush(&mut tab.c, "flush").await.is_empty(),
+        "frames after the second run"
+    );
+    assert_eq!(
+        tab.run_events(&run),
+        events,
+        "events of the failed run came after its agent_completed"
+    );
+    assert_seqs_from(&tab.events(), base + 1, "the tab, both runs");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Many users
 // ---------------------------------------------------------------------------------------------
@@ -1212,4 +1749,57 @@ async fn one_user(nodes: &[Node], i: usize) -> usize {
         );
     }
     seen0.len()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+// ---------------------------------------------------------------------------------------------
+
+/// `agentcast serve` with a `--redis-url` (or `AGENTCAST_REDIS_URL`) that is not a Redis URL
+/// exits at once, non-zero, with a message naming `--redis-url`; `Config::validate` refuses it
+/// the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_url_that_is_not_a_url_is_refused_at_start() {
+    let flag = serve_command(&["--redis-url", "not-a-url"]);
+    let mut env = serve_command(&[]);
+    env.env("AGENTCAST_REDIS_URL", "not-a-url");
+    for (what, mut cmd) in [
+        ("--redis-url not-a-url", flag),
+        ("AGENTCAST_REDIS_URL=not-a-url", env),
+    ] {
+        cmd.env("AGENTCAST_JWT_SECRET", SECRET);
+        let out = match tokio::time::timeout(TIMEOUT, cmd.output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => panic!("{what}: running agentcast serve: {e}"),
+            Err(_) => panic!("{what}: agentcast serve did not exit within {TIMEOUT:?}: it served"),
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{what}: agentcast serve exited successfully; stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains("--redis-url"),
+            "{what}: the message must name --redis-url; stderr: {stderr}"
+        );
+        assert!(
+            !stderr.contains("listening on"),
+            "{what}: it listened before refusing; stderr: {stderr}"
+        );
+    }
+
+    let config = agentcast::Config {
+        redis_url: Some("not-a-url".into()),
+        ..test_config()
+    };
+    let e = config
+        .validate()
+        .expect_err("Config::validate accepts --redis-url not-a-url");
+    assert!(e.to_string().contains("--redis-url"), "{e}");
+    if let Ok(server) = agentcast::spawn(config) {
+        panic!(
+            "agentcast::spawn served with --redis-url not-a-url on {}",
+            server.addr()
+        );
+    }
 }
