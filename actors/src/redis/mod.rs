@@ -267,6 +267,10 @@ impl RedisLink {
         Ok(link)
     }
 
+    pub fn node_timeout(&self) -> Duration {
+        self.config.node_timeout
+    }
+
     pub fn node_id(&self) -> &Arc<str> {
         &self.config.node_id
     }
@@ -497,6 +501,26 @@ impl RedisLink {
             }
         }
         Ok(tops)
+    }
+
+    /// Of these runs of this node, those Redis says are no longer this node's (taken over
+    /// and ended by another node while this one was cut off).
+    pub async fn taken(&self, runs: Vec<(UserId, RunId)>) -> Result<Vec<RunId>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let mut taken = Vec::new();
+        for chunk in runs.chunks(256) {
+            let mut pipe = redis::pipe();
+            for (user, run_id) in chunk {
+                pipe.hget(UserKeys::new(user).run(run_id), "node");
+            }
+            let owners: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+            for ((_, run_id), owner) in chunk.iter().zip(owners) {
+                if owner.is_some_and(|o| *o != *self.config.node_id) {
+                    taken.push(run_id.clone());
+                }
+            }
+        }
+        Ok(taken)
     }
 
     /// Asks the node running one of `user`'s runs to cancel it. `Ok(false)`: `user` has no

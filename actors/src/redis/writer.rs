@@ -37,6 +37,8 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH);
+    // Loaded up front, so that the first appends do not all meet NOSCRIPT.
+    load_scripts(&link).await;
     loop {
         if batch.is_empty() {
             let Some(job) = jobs.recv().await else {
@@ -71,7 +73,7 @@ pub async fn run(
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    log::info!("Redis lost its scripts (a restart?): loading them again");
+                    log::info!("Redis does not have the scripts (restarted?): loading them");
                     load_scripts(&link).await;
                 }
                 Err(e) => {

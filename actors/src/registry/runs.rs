@@ -96,6 +96,15 @@ impl RunTable {
         );
     }
 
+    /// The runs not yet ended, and their users.
+    pub fn running(&self) -> Vec<(UserId, RunId)> {
+        self.runs
+            .iter()
+            .filter(|(_, r)| r.ended.is_none())
+            .map(|(id, r)| (r.user.clone(), id.clone()))
+            .collect()
+    }
+
     pub fn get(&self, run_id: &str) -> Option<(&RunId, &RunRecord)> {
         self.runs.get_key_value(run_id)
     }

@@ -48,6 +48,8 @@ pub struct Shared {
     pub pending: usize,
     pub pending_bytes: usize,
     pub max_pending: usize,
+    /// Since when Redis has not answered.
+    down_since: Option<Instant>,
     resyncing: bool,
 }
 
@@ -182,6 +184,7 @@ impl ConnectionRegistry {
             pending: 0,
             pending_bytes: 0,
             max_pending,
+            down_since: None,
             resyncing: false,
         });
         Ok(ctx.run(registry))
@@ -714,6 +717,39 @@ impl ConnectionRegistry {
         }
     }
 
+    /// Redis answers again (or stopped): after an absence as long as the node timeout, other
+    /// nodes may have taken this node for lost and ended its runs; those are stopped now,
+    /// rather than when they next emit something.
+    fn redis_up(&mut self, up: bool, ctx: &mut Context<Self>) {
+        let Some(shared) = &mut self.shared else {
+            return;
+        };
+        if !up {
+            shared.down_since.get_or_insert_with(Instant::now);
+            return;
+        }
+        let Some(since) = shared.down_since.take() else {
+            return;
+        };
+        if since.elapsed() < shared.link.node_timeout() {
+            return;
+        }
+        let link = shared.link.clone();
+        let running = self.runs.running();
+        ctx.spawn(
+            actix::fut::wrap_future(async move { link.taken(running).await }).map(
+                |taken, act: &mut Self, _| {
+                    for run_id in taken.unwrap_or_default() {
+                        log::warn!(
+                            "run {run_id}: ended by another node while this one was cut off"
+                        );
+                        act.runs.stop(&run_id, CancelReason::NodeLost);
+                    }
+                },
+            ),
+        );
+    }
+
     /// Redis gave out seqs again under an unchanged epoch: starts a new history there (if no
     /// node did yet), so that every node and every resuming client sees the change.
     fn renew_epoch(&mut self, user: &UserId, old: Arc<str>, ctx: &mut Context<Self>) {
@@ -923,7 +959,10 @@ impl Handler<LogNews> for ConnectionRegistry {
                 runs,
                 members,
             } => self.end_orphans(node, runs, members),
-            LogNews::Up(up) => self.metrics.redis_up.set(up as i64),
+            LogNews::Up(up) => {
+                self.metrics.redis_up.set(up as i64);
+                self.redis_up(up, ctx);
+            }
         }
     }
 }
