@@ -12,10 +12,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::event::{Draft, EventData, Frame};
-use crate::ids::{random_id, UserId};
+use crate::event::{encode, EventData, Frame};
+use crate::ids::{random_id, RunId, UserId};
 use crate::metrics::Metrics;
 use crate::replay::{Change, Gap, ReplayBuffer};
 
@@ -64,17 +64,29 @@ pub trait EventLog {
     /// A fresh history for a user this node has no log for.
     fn open(&mut self, user: &UserId, budget: &LogBudget) -> UserLog;
 
-    /// Numbers `draft` (of `data`, the `index`th event of its run). The memory log numbers it
-    /// now and returns the frame, for the registry to append to `log`; a shared log returns
-    /// `None` and the frame comes back as a message, like those of every other node.
-    fn append(
-        &mut self,
-        user: &UserId,
-        log: &mut UserLog,
-        draft: Draft,
-        data: &EventData,
-        index: u64,
-    ) -> Option<Frame>;
+    /// Numbers and encodes an admitted event. The memory log numbers it now and returns the
+    /// frame, for the registry to append to `log`; a shared log queues it for its store, and
+    /// the frame comes back as a message, like those of every other node.
+    fn append(&mut self, user: &UserId, log: &mut UserLog, event: NewEvent<'_>) -> Appended;
+}
+
+/// An admitted event, not yet numbered nor encoded (each log encodes it as it needs).
+pub struct NewEvent<'a> {
+    pub run_id: &'a RunId,
+    pub thread_id: Option<&'a str>,
+    /// When it was emitted (its `ts`).
+    pub at: SystemTime,
+    pub data: &'a EventData,
+    /// Its index in its run (1, 2, ...).
+    pub index: u64,
+}
+
+/// What became of an event handed to the log.
+pub enum Appended {
+    /// Numbered here: the frame to append.
+    Now(Frame),
+    /// Queued for a shared store, with the bytes it holds meanwhile.
+    Queued { bytes: usize },
 }
 
 /// The embedded log: the process is the store.
@@ -87,16 +99,15 @@ impl EventLog for MemoryLog {
         UserLog::new(random_id("", 16).into(), 0, budget)
     }
 
-    fn append(
-        &mut self,
-        _: &UserId,
-        log: &mut UserLog,
-        draft: Draft,
-        _: &EventData,
-        _: u64,
-    ) -> Option<Frame> {
+    fn append(&mut self, _: &UserId, log: &mut UserLog, event: NewEvent<'_>) -> Appended {
         log.assigned_seq += 1;
-        Some(draft.number(log.assigned_seq))
+        Appended::Now(encode(
+            log.assigned_seq,
+            event.run_id,
+            event.thread_id,
+            event.at,
+            event.data,
+        ))
     }
 }
 

@@ -35,14 +35,14 @@ use serde_json::Value;
 use crate::agent::Agent;
 use crate::catalog::{Catalog, Toolbox};
 use crate::emitter::{EmitGate, Emitter};
-use crate::event::{Draft, ErrorBody, EventData, Frame, RunStatus};
+use crate::event::{ErrorBody, EventData, Frame, RunStatus};
 use crate::ids::{new_run_id, RunId, UserId};
 use crate::metrics::Metrics;
 use crate::rate::TokenBucket;
 use crate::router::*;
 use crate::run::{AgentRunActor, CancelReason};
 
-use self::event_log::{EventLog, LogBudget, LogBytes, MemoryLog};
+use self::event_log::{Appended, EventLog, LogBudget, LogBytes, MemoryLog, NewEvent};
 use self::fanout::SessionLink;
 use self::runs::{NotAdmitted, RunTable};
 use self::users::UserEntry;
@@ -191,13 +191,18 @@ impl ConnectionRegistry {
             log::error!("run {run_id}: event for unknown user {user}");
             return;
         };
-        let draft = Draft::new(run_id, thread_id, at, data);
-        let bytes = draft.tail.len();
         self.metrics.emitted(data).inc();
-        let Some(frame) = self.log.append(user, &mut entry.log, draft, data, index) else {
+        let event = NewEvent {
+            run_id,
+            thread_id,
+            at,
+            data,
+            index,
+        };
+        let frame = match self.log.append(user, &mut entry.log, event) {
+            Appended::Now(frame) => frame,
             // Numbered on the shared log; it comes back as `LogNews::Frame`.
-            self.note_pending(run_id, bytes);
-            return;
+            Appended::Queued { bytes } => return self.note_pending(run_id, bytes),
         };
         self.runs.note_seq(run_id, frame.seq);
         if entry.held.is_empty() && entry.has_room_for(&frame) {

@@ -29,7 +29,7 @@ use crate::redis::{
 use crate::router::*;
 use crate::run::CancelReason;
 
-use super::event_log::{EventLog, LogBudget, UserLog};
+use super::event_log::{Appended, EventLog, LogBudget, NewEvent, UserLog};
 use super::ConnectionRegistry;
 
 /// Frames ahead of a gap kept per user while it is filled; past this the newest are dropped
@@ -131,14 +131,17 @@ impl EventLog for RedisLog {
         UserLog::new(Arc::from(""), 0, budget)
     }
 
-    fn append(
-        &mut self,
-        user: &UserId,
-        _: &mut UserLog,
-        draft: Draft,
-        data: &EventData,
-        index: u64,
-    ) -> Option<Frame> {
+    fn append(&mut self, user: &UserId, _: &mut UserLog, event: NewEvent<'_>) -> Appended {
+        let draft = Draft::new(event.run_id, event.thread_id, event.at, event.data);
+        let bytes = draft.tail.len();
+        self.queue(user, draft, event.data, event.index);
+        Appended::Queued { bytes }
+    }
+}
+
+impl RedisLog {
+    /// Queues an encoded event for Redis to number.
+    fn queue(&self, user: &UserId, draft: Draft, data: &EventData, index: u64) {
         let call = match data {
             EventData::ToolExecuting {
                 tool_call_id, tool, ..
@@ -159,7 +162,6 @@ impl EventLog for RedisLog {
             call,
             ended,
         });
-        None
     }
 }
 
@@ -876,9 +878,8 @@ impl ConnectionRegistry {
                 let draft = Draft::new(&orphan.run_id, orphan.thread_id.as_deref(), now, data);
                 self.metrics.emitted(data).inc();
                 self.note_pending(&orphan.run_id, draft.tail.len());
-                RedisLog(link.clone()).append(
+                RedisLog(link.clone()).queue(
                     &orphan.user,
-                    &mut UserLog::new(Arc::from(""), 0, &self.budget),
                     draft,
                     data,
                     orphan.index + 1 + k as u64,
