@@ -420,7 +420,7 @@ pub fn table(p: &Params, v: &Value, faults: &[(&str, u64)], messages: &[String],
     }
     let total: u64 = faults.iter().map(|(_, n)| n).sum();
     let verdict = if total == 0 {
-        "OK: every connection saw every event of its user once, in order, nothing foreign, every run completed".to_string()
+        "OK: every connection saw every event of its user once, in order, the same as its user's other tabs, nothing foreign, every run completed".to_string()
     } else {
         format!(
             "FAILED: {}",

@@ -285,6 +285,10 @@ pub async fn run(
     for t in &tabs {
         client::verify_tab(&shared, t);
     }
+    // The tabs of a user are consecutive: they must have got the same event under each seq.
+    for user in tabs.chunk_by(|a, b| a.user.idx == b.user.idx) {
+        client::verify_user(&shared, user);
+    }
     sampler.abort();
     let server_last = sample();
     Outcome {
