@@ -64,6 +64,14 @@ pub fn digest(b: &[u8]) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
+/// Where one node of the server listens.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Host header and path of the WebSocket endpoint.
+    pub host: String,
+    pub path: String,
+}
+
 /// Counters of everything that went wrong; any non-zero one fails the scenario.
 #[derive(Default)]
 pub struct Faults {
@@ -138,9 +146,8 @@ pub struct User {
 
 pub struct Shared {
     pub params: Params,
-    pub addr: SocketAddr,
-    pub host: String,
-    pub path: String,
+    /// The server's nodes: tab k of every user connects to node k mod their number.
+    pub endpoints: Vec<Endpoint>,
     pub sources: Vec<Ipv4Addr>,
     pub ws_config: WebSocketConfig,
     pub t0_unix_us: i64,
@@ -582,9 +589,10 @@ async fn open_once(
         }
         sock.bind(SocketAddr::new(ip.into(), 0)).map_err(io)?;
     }
-    let stream = sock.connect(sh.addr).await.map_err(io)?;
+    let node = &sh.endpoints[t.tab % sh.endpoints.len()];
+    let stream = sock.connect(node.addr).await.map_err(io)?;
     let _ = stream.set_nodelay(true);
-    let mut url = format!("ws://{}{}", sh.host, sh.path);
+    let mut url = format!("ws://{}{}", node.host, node.path);
     if let Some((after, epoch)) = resume {
         url.push_str(&format!(
             "?after_seq={after}&epoch={}",
@@ -950,8 +958,8 @@ pub fn verify_tab(sh: &Shared, t: &Tab) {
     }
 }
 
-/// The tabs of one user must have received the same event under each seq they both got: a
-/// hash of the frame's bytes is compared, seq by seq.
+/// The tabs of one user (whichever node each is on) must have received the same event under
+/// each seq they both got: a hash of the frame's bytes is compared, seq by seq.
 pub fn verify_user(sh: &Shared, tabs: &[Tab]) {
     let Some(first) = tabs.first() else { return };
     let lo = tabs.iter().map(|t| t.base_seq).min().unwrap_or(1);
