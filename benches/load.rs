@@ -2,7 +2,8 @@
 //! (`-- --help` lists them). docs/performance.md explains every scenario and figure.
 //!
 //! - `cli`: flags and each scenario's defaults
-//! - `server`: starting the server (or targeting one) and reading its /proc figures
+//! - `server`: starting the server (its nodes and their Redis, or targeting running ones) and
+//!   reading their /proc figures
 //! - `client`: one task per tab: connect, drive runs, read and check every frame
 //! - `scan`: reading `type`, `seq`, `run_id` and `ts` out of a frame without a JSON tree
 //! - `run`: the phases of a scenario; `stats`, `report`, `plot`: the figures and their output
@@ -74,61 +75,67 @@ fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(|| target_dir.join("bench-results.jsonl"));
 
-    let mut target = match &args.url {
-        Some(url) => {
-            let secret = args.secret.clone().unwrap_or_default();
-            match server::target(url, secret, args.pid) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("load: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        None => {
-            let bin = args
-                .server_bin
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agentcast")));
-            let needs = server::ServerNeeds {
-                connections: params.connections(),
-                tabs_per_user: params.tabs,
-                runs_per_user: params.runs,
-                concurrency: params.concurrency,
-                // A slow tab must fill its queue with a modest number of events.
-                outbound_queue: (params.scenario == cli::Scenario::Slow).then_some(256),
-            };
-            let log = target_dir.join(format!("bench-server-{}.log", params.scenario.name()));
-            match server::spawn(&bin, &args.server_args, &needs, log) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("load: {e}");
-                    return ExitCode::from(2);
-                }
-            }
+    let mut cluster = match start_cluster(&args, &params, &target_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("load: {e}");
+            return ExitCode::from(2);
         }
     };
-    let server_desc = match &target.child {
-        Some(s) => format!(
-            "started {} {} (pid {}, log {})",
-            args.server_bin
-                .as_ref()
-                .map_or("target/release/agentcast".into(), |b| b
-                    .display()
-                    .to_string()),
-            s.args.join(" "),
-            target.pid.unwrap_or(0),
-            s.log_path.display()
-        ),
-        None => format!(
-            "targeting {} (pid {})",
-            args.url.as_deref().unwrap_or(""),
-            target
-                .pid
-                .map_or("unknown: no server RSS/CPU".into(), |p| p.to_string())
-        ),
-    };
-    notes.push(format!("server: {server_desc}"));
+    let server_bin = args
+        .server_bin
+        .as_ref()
+        .map_or("target/release/agentcast".into(), |b| {
+            b.display().to_string()
+        });
+    let node_descs: Vec<String> = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match &t.child {
+            Some(s) => format!(
+                "started {server_bin} {} (pid {}, ws://{}{}, log {})",
+                s.args.join(" "),
+                t.pid.unwrap_or(0),
+                t.host,
+                t.path,
+                s.log_path.display()
+            ),
+            None => format!(
+                "targeting {} (pid {})",
+                args.url.get(i).map_or("", String::as_str),
+                t.pid
+                    .map_or("unknown: no server RSS/CPU".into(), |p| p.to_string())
+            ),
+        })
+        .collect();
+    let server_desc = node_descs.join("; ");
+    if node_descs.len() == 1 {
+        notes.push(format!("server: {server_desc}"));
+    } else {
+        for (i, d) in node_descs.iter().enumerate() {
+            notes.push(format!("node {i}: {d}"));
+        }
+        notes.push(format!(
+            "tab k of every user on node k mod {}; tab 0 starts the runs",
+            node_descs.len()
+        ));
+    }
+    if let Some(r) = &cluster.redis {
+        notes.push(format!(
+            "redis: started {} {} (pid {}, log {})",
+            args.redis_server.display(),
+            r.args
+                .iter()
+                .map(|a| if a.is_empty() { "''".into() } else { a.clone() })
+                .collect::<Vec<_>>()
+                .join(" "),
+            r.pid,
+            r.log_path.display()
+        ));
+    } else if let Some(pid) = cluster.redis_pid {
+        notes.push(format!("redis: pid {pid}"));
+    }
     notes.push(format!(
         "harness: {threads} runtime thread(s) on {cores} cores, connect concurrency {}",
         args.connect_concurrency
@@ -147,7 +154,7 @@ fn main() -> ExitCode {
     };
     let outcome = rt.block_on(run::run(
         params.clone(),
-        &target,
+        &cluster,
         args.source_addrs,
         args.connect_concurrency,
         Duration::from_secs_f64(args.timeout_secs),
@@ -169,33 +176,73 @@ fn main() -> ExitCode {
         params.tabs,
         params.slow_clients,
     );
-    let server_exit = target.stop(Duration::from_secs(40));
+    let (node_exits, redis_exit) = cluster.stop(Duration::from_secs(40));
     // The tabs' connections were closed when they returned; drop them (and the runtime) now.
     drop(rt);
 
     let faults = outcome.shared.faults.all();
     let failed: u64 = faults.iter().map(|(_, n)| n).sum();
     let mut messages = outcome.shared.messages.lock().unwrap().clone();
-    let mut server_json = json!({"desc": server_desc});
-    if let Some(s) = &target.child {
-        let errors = s.errors.load(std::sync::atomic::Ordering::Relaxed);
-        let warnings = s.warnings.load(std::sync::atomic::Ordering::Relaxed);
+    let mut server_json = json!({"desc": server_desc, "nodes": cluster.nodes.len()});
+    let started: Vec<_> = cluster
+        .nodes
+        .iter()
+        .zip(&node_exits)
+        .filter_map(|(t, exit)| Some((t.child.as_ref()?, exit)))
+        .collect();
+    if !started.is_empty() {
+        let count =
+            |f: fn(&server::Spawned) -> usize| -> usize { started.iter().map(|(s, _)| f(s)).sum() };
+        let errors = count(|s| s.errors.load(std::sync::atomic::Ordering::Relaxed));
+        let warnings = count(|s| s.warnings.load(std::sync::atomic::Ordering::Relaxed));
+        let (first, first_exit) = started[0];
         server_json = json!({
             "started": true,
-            "args": s.args,
-            "exit": server_exit,
-            "log": s.log_path.display().to_string(),
+            "nodes": started.len(),
+            "args": first.args,
+            "exit": first_exit,
+            "log": first.log_path.display().to_string(),
             "log_errors": errors,
             "log_warnings": warnings,
         });
-        if errors > 0 {
-            messages.push(format!(
-                "note: the server logged {errors} error line(s); see {}",
-                s.log_path.display()
-            ));
+        if started.len() > 1 {
+            server_json["node_list"] = started
+                .iter()
+                .map(|(s, exit)| {
+                    json!({
+                        "args": s.args,
+                        "exit": exit,
+                        "log": s.log_path.display().to_string(),
+                        "log_errors": s.errors.load(std::sync::atomic::Ordering::Relaxed),
+                    })
+                })
+                .collect();
         }
-        if let Some(exit) = &server_exit {
-            notes.push(format!("server stopped: {exit}"));
+        for (s, exit) in &started {
+            let errors = s.errors.load(std::sync::atomic::Ordering::Relaxed);
+            if errors > 0 {
+                messages.push(format!(
+                    "note: the server logged {errors} error line(s); see {}",
+                    s.log_path.display()
+                ));
+            }
+            if let Some(exit) = exit {
+                notes.push(if started.len() > 1 {
+                    format!("node stopped: {exit}")
+                } else {
+                    format!("server stopped: {exit}")
+                });
+            }
+        }
+    }
+    if let Some(r) = &cluster.redis {
+        server_json["redis"] = json!({
+            "args": r.args,
+            "exit": redis_exit,
+            "log": r.log_path.display().to_string(),
+        });
+        if let Some(exit) = &redis_exit {
+            notes.push(format!("redis stopped: {exit}"));
         }
     }
     let mut figs = report::figures(&params, &outcome, &figures);
@@ -242,4 +289,69 @@ fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The nodes to measure: the running ones given by --url, or the ones the harness starts
+/// (with a redis-server of its own for --nodes > 1 or --redis). Whatever was started before a
+/// failure is stopped when the partial cluster is dropped.
+fn start_cluster(
+    args: &cli::Args,
+    params: &cli::Params,
+    target_dir: &std::path::Path,
+) -> Result<server::Cluster, String> {
+    if !args.url.is_empty() {
+        let nodes = args
+            .url
+            .iter()
+            .enumerate()
+            .map(|(i, url)| server::target(url, args.pid.get(i).copied()))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(server::Cluster {
+            nodes,
+            redis: None,
+            redis_pid: args.redis_pid,
+            secret: args.secret.clone().unwrap_or_default(),
+        });
+    }
+    let mut cluster = server::Cluster {
+        nodes: Vec::new(),
+        redis: None,
+        redis_pid: None,
+        secret: server::random_secret(),
+    };
+    let name = params.scenario.name();
+    if params.own_redis {
+        let log = target_dir.join(format!("bench-redis-{name}.log"));
+        cluster.redis = Some(server::start_redis(&args.redis_server, log)?);
+    }
+    let bin = args
+        .server_bin
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agentcast")));
+    let n = params.nodes;
+    // Tab k of every user is on node k mod n.
+    let tabs_on = |node: usize| (0..params.tabs).filter(|k| k % n == node).count();
+    for node in 0..n {
+        let needs = server::ServerNeeds {
+            connections: params.users * tabs_on(node),
+            tabs_per_user: tabs_on(node),
+            runs_per_user: params.runs,
+            concurrency: params.concurrency,
+            // A slow tab must fill its queue with a modest number of events.
+            outbound_queue: (params.scenario == cli::Scenario::Slow).then_some(256),
+        };
+        let log = if n == 1 {
+            target_dir.join(format!("bench-server-{name}.log"))
+        } else {
+            target_dir.join(format!("bench-server-{name}-node{node}.log"))
+        };
+        let node_id = format!("bench-node-{node}");
+        let redis = cluster
+            .redis
+            .as_ref()
+            .map(|r| (r.url.as_str(), node_id.as_str()));
+        let t = server::spawn(&bin, &args.server_args, &needs, log, &cluster.secret, redis)?;
+        cluster.nodes.push(t);
+    }
+    Ok(cluster)
 }

@@ -36,8 +36,9 @@ impl Scenario {
 /// secret) unless --url is given, opens users x tabs WebSocket connections, runs `scripted`
 /// runs, measures throughput, latency (event ts to receipt), tab spread, server RSS and CPU,
 /// and verifies that every connection saw every event of its user's runs exactly once, in
-/// order, and nothing else. Exits 1 on any loss, duplicate, foreign event or incomplete run,
-/// 2 on a usage or setup error.
+/// order, the same frames as the user's other tabs, and nothing else. With --nodes N it starts
+/// a Redis and N nodes on it and spreads each user's tabs over them. Exits 1 on any loss,
+/// duplicate, divergence, foreign event or incomplete run, 2 on a usage or setup error.
 ///
 /// Run with `cargo bench --bench load -- --scenario NAME [options]`. Results are printed as a
 /// table and appended as one JSON line to --results. Unset options take the scenario's
@@ -50,17 +51,39 @@ pub struct Args {
     pub scenario: Scenario,
 
     /// Target a running server instead of starting one: its WebSocket URL,
-    /// e.g. ws://127.0.0.1:8080/v1/ws.
-    #[arg(long, requires = "secret")]
-    pub url: Option<String>,
+    /// e.g. ws://127.0.0.1:8080/v1/ws. Repeatable (or comma-separated) for the nodes of one
+    /// server on Redis: tab k of every user connects to URL k mod (number of URLs).
+    #[arg(long, requires = "secret", value_delimiter = ',')]
+    pub url: Vec<String>,
 
     /// With --url: the server's HS256 token secret (tokens are signed by the harness).
     #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
 
     /// With --url: the server's pid, for RSS (/proc/PID/status) and CPU (/proc/PID/stat).
-    #[arg(long)]
-    pub pid: Option<u32>,
+    /// Repeatable (or comma-separated): one per --url, in the same order.
+    #[arg(long, requires = "url", value_delimiter = ',')]
+    pub pid: Vec<u32>,
+
+    /// With --url: the pid of the redis-server the nodes share, for its RSS and CPU.
+    #[arg(long, requires = "url")]
+    pub redis_pid: Option<u32>,
+
+    /// Start this many server nodes sharing one Redis (PROTOCOL.md section 10): the harness
+    /// starts its own redis-server (no persistence) on a free port, then the nodes with
+    /// --redis-url and distinct --node-id, and connects tab k of every user to node k mod N,
+    /// so that every user's events cross nodes. 1: one server, without Redis unless --redis.
+    #[arg(long, default_value_t = 1, conflicts_with = "url")]
+    pub nodes: usize,
+
+    /// Start the server(s) on a Redis of the harness's own even with --nodes 1 (the cost of
+    /// Redis alone).
+    #[arg(long, conflicts_with = "url")]
+    pub redis: bool,
+
+    /// The redis-server binary to start for --nodes > 1 or --redis.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: PathBuf,
 
     /// The server binary to start (default: the agentcast binary cargo built for this bench).
     #[arg(long)]
@@ -174,6 +197,10 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Params {
     pub scenario: Scenario,
+    /// The server's nodes (--nodes, or how many --url).
+    pub nodes: usize,
+    /// The harness starts a Redis for the nodes (--redis, or --nodes > 1).
+    pub own_redis: bool,
     pub users: usize,
     pub tabs: usize,
     pub runs: usize,
@@ -231,8 +258,24 @@ impl Args {
             (Some(_), Some(_)) => return Err("--connections must equal --users x --tabs".into()),
             (None, None) => d.0,
         };
+        if self.nodes == 0 {
+            return Err("--nodes must be at least 1".into());
+        }
+        if !self.pid.is_empty() && self.pid.len() != self.url.len() {
+            return Err(format!(
+                "{} --pid for {} --url: give one pid per URL, in the same order, or none",
+                self.pid.len(),
+                self.url.len()
+            ));
+        }
         let p = Params {
             scenario: s,
+            nodes: if self.url.is_empty() {
+                self.nodes
+            } else {
+                self.url.len()
+            },
+            own_redis: self.url.is_empty() && (self.redis || self.nodes > 1),
             users,
             tabs,
             runs: self.runs.unwrap_or(d.2),

@@ -36,6 +36,40 @@ pub struct Rec {
     pub recv_us: u32,
     /// Receipt minus the event's `ts`, microseconds (0 if negative), `| REPLAYED` if replayed.
     pub lat_us: u32,
+    /// A hash of the frame's bytes: every tab of the user must have the same under each seq.
+    pub digest: u32,
+}
+
+impl Rec {
+    const MISSING: Rec = Rec {
+        recv_us: MISSING,
+        lat_us: 0,
+        digest: 0,
+    };
+}
+
+/// A cheap hash of a frame (8 bytes at a time), to compare what the tabs of a user got
+/// under one seq without keeping the frames. Not for adversaries: for divergence.
+pub fn digest(b: &[u8]) -> u32 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h = b.len() as u64;
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
+    }
+    let mut tail = [0u8; 8];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    (h ^ (h >> 32)) as u32
+}
+
+/// Where one node of the server listens.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Host header and path of the WebSocket endpoint.
+    pub host: String,
+    pub path: String,
 }
 
 /// Counters of everything that went wrong; any non-zero one fails the scenario.
@@ -46,6 +80,8 @@ pub struct Faults {
     pub foreign: AtomicU64,
     pub bad_frames: AtomicU64,
     pub bad_order: AtomicU64,
+    /// Two tabs of one user got different events under the same seq.
+    pub diverged: AtomicU64,
     pub runs_not_succeeded: AtomicU64,
     pub unexpected_closes: AtomicU64,
     pub error_frames: AtomicU64,
@@ -64,6 +100,7 @@ impl Faults {
             ("foreign", l(&self.foreign)),
             ("bad_frames", l(&self.bad_frames)),
             ("bad_order", l(&self.bad_order)),
+            ("diverged", l(&self.diverged)),
             ("runs_not_succeeded", l(&self.runs_not_succeeded)),
             ("unexpected_closes", l(&self.unexpected_closes)),
             ("error_frames", l(&self.error_frames)),
@@ -109,9 +146,8 @@ pub struct User {
 
 pub struct Shared {
     pub params: Params,
-    pub addr: SocketAddr,
-    pub host: String,
-    pub path: String,
+    /// The server's nodes: tab k of every user connects to node k mod their number.
+    pub endpoints: Vec<Endpoint>,
     pub sources: Vec<Ipv4Addr>,
     pub ws_config: WebSocketConfig,
     pub t0_unix_us: i64,
@@ -297,10 +333,7 @@ impl Tab {
                 )
             });
             for _ in self.next_seq..seq {
-                self.recs.push(Rec {
-                    recv_us: MISSING,
-                    lat_us: 0,
-                });
+                self.recs.push(Rec::MISSING);
             }
         }
         self.next_seq = seq + 1;
@@ -309,10 +342,7 @@ impl Tab {
             sh.fail(&sh.faults.bad_frames, || {
                 format!("{}: seq {seq} has no readable ts", self.label())
             });
-            self.recs.push(Rec {
-                recv_us: MISSING,
-                lat_us: 0,
-            });
+            self.recs.push(Rec::MISSING);
             return;
         };
         let lat = recv - ts;
@@ -327,6 +357,7 @@ impl Tab {
         self.recs.push(Rec {
             recv_us: (recv - sh.t0_unix_us).clamp(0, (MISSING - 1) as i64) as u32,
             lat_us,
+            digest: digest(b),
         });
         let (Some(run_id), Some(kind)) = (f.run_id, f.kind) else {
             return sh.fail(&sh.faults.bad_frames, || {
@@ -558,9 +589,10 @@ async fn open_once(
         }
         sock.bind(SocketAddr::new(ip.into(), 0)).map_err(io)?;
     }
-    let stream = sock.connect(sh.addr).await.map_err(io)?;
+    let node = &sh.endpoints[t.tab % sh.endpoints.len()];
+    let stream = sock.connect(node.addr).await.map_err(io)?;
     let _ = stream.set_nodelay(true);
-    let mut url = format!("ws://{}{}", sh.host, sh.path);
+    let mut url = format!("ws://{}{}", node.host, node.path);
     if let Some((after, epoch)) = resume {
         url.push_str(&format!(
             "?after_seq={after}&epoch={}",
@@ -923,5 +955,53 @@ pub fn verify_tab(sh: &Shared, t: &Tab) {
         sh.fail(&sh.faults.incomplete, || {
             format!("{}: {} of {} runs started", t.label(), acked.len(), p.runs)
         });
+    }
+}
+
+/// The tabs of one user (whichever node each is on) must have received the same event under
+/// each seq they both got: a hash of the frame's bytes is compared, seq by seq.
+pub fn verify_user(sh: &Shared, tabs: &[Tab]) {
+    let Some(first) = tabs.first() else { return };
+    let lo = tabs.iter().map(|t| t.base_seq).min().unwrap_or(1);
+    let hi = tabs
+        .iter()
+        .map(|t| t.base_seq + t.recs.len() as u64)
+        .max()
+        .unwrap_or(lo);
+    let mut reported = 0;
+    for seq in lo..hi {
+        let mut seen: Option<(&Tab, u32)> = None;
+        for t in tabs {
+            let Some(r) = seq
+                .checked_sub(t.base_seq)
+                .and_then(|i| t.recs.get(i as usize))
+            else {
+                continue;
+            };
+            if r.recv_us == MISSING {
+                continue;
+            }
+            match seen {
+                None => seen = Some((t, r.digest)),
+                Some((other, d)) if d != r.digest => {
+                    // One count per seq; the first few are named.
+                    if reported < 3 {
+                        sh.fail(&sh.faults.diverged, || {
+                            format!(
+                                "{}: seq {seq} differs from {} tab {}'s seq {seq}",
+                                t.label(),
+                                first.user.name,
+                                other.tab
+                            )
+                        });
+                    } else {
+                        sh.faults.diverged.fetch_add(1, Ordering::Relaxed);
+                    }
+                    reported += 1;
+                    break;
+                }
+                Some(_) => {}
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use serde_json::{json, Value};
 
 use crate::cli::{Params, Scenario};
-use crate::run::Outcome;
+use crate::run::{Outcome, ProcFigures};
 use crate::server::{clock_ticks_per_sec, ProcSample};
 use crate::stats::{self, Figures};
 
@@ -79,6 +79,8 @@ pub fn params_json(p: &Params) -> Value {
         "users": p.users,
         "tabs": p.tabs,
         "connections": p.connections(),
+        "nodes": p.nodes,
+        "own_redis": p.own_redis,
     });
     let m = v.as_object_mut().expect("object");
     if p.has_runs() {
@@ -111,6 +113,56 @@ fn kib(s: &Option<ProcSample>) -> Option<u64> {
     s.map(|s| s.rss_kib)
 }
 
+/// CPU time (utime + stime) between two samples, microseconds.
+fn cpu_us(a: &Option<ProcSample>, b: &Option<ProcSample>) -> Option<u64> {
+    Some(
+        (b.as_ref()?.cpu_ticks.checked_sub(a.as_ref()?.cpu_ticks)?) * 1_000_000
+            / clock_ticks_per_sec(),
+    )
+}
+
+/// One process's figures (a node, or Redis): `conns` connections on it, `deliveries` events
+/// delivered in all (its CPU per event is its share of the total).
+fn proc_json(f: &ProcFigures, conns: usize, deliveries: Option<u64>) -> Value {
+    let cpu = cpu_us(&f.run_start, &f.run_end);
+    let per_conn = match (kib(&f.before), kib(&f.connected)) {
+        (Some(a), Some(b)) if conns > 0 => {
+            Some(((b as f64 - a as f64) * 1024.0 / conns as f64).round())
+        }
+        _ => None,
+    };
+    let mut v = json!({
+        "pid": f.pid,
+        "rss_before_kib": kib(&f.before),
+        "rss_connected_kib": kib(&f.connected),
+        "rss_per_connection_bytes": per_conn,
+        "rss_peak_kib": (f.rss_peak_kib > 0).then_some(f.rss_peak_kib),
+        "vm_hwm_kib": f.last.or(f.run_end).map(|s| s.hwm_kib),
+        "threads": f.run_end.map(|s| s.threads),
+        "cpu_run_ms": cpu.map(|c| c as f64 / 1000.0),
+    });
+    if let (Some(c), Some(d)) = (cpu, deliveries) {
+        v["cpu_us_per_event"] = json!(round3(c as f64 / d.max(1) as f64));
+    }
+    v
+}
+
+/// The sum of a figure over the nodes; None unless every node has it.
+fn sum(nodes: &[Value], key: &str) -> Value {
+    let mut total = 0.0;
+    for n in nodes {
+        match n[key].as_f64() {
+            Some(x) => total += x,
+            None => return Value::Null,
+        }
+    }
+    if nodes.iter().all(|n| n[key].is_u64()) {
+        json!(total as u64)
+    } else {
+        json!(round3(total))
+    }
+}
+
 /// Everything measured, as the JSON line's `figures`.
 pub fn figures(p: &Params, o: &Outcome, f: &Figures) -> Value {
     let ev = &o.shared.events;
@@ -118,17 +170,48 @@ pub fn figures(p: &Params, o: &Outcome, f: &Figures) -> Value {
     let conns = p.connections() as f64;
     // The run phase for throughput: gate to last receipt.
     let run_us = f.last_recv_us.saturating_sub(o.run_start_us).max(1);
-    let cpu_us = |a: &Option<ProcSample>, b: &Option<ProcSample>| -> Option<u64> {
-        Some(
-            (b.as_ref()?.cpu_ticks.checked_sub(a.as_ref()?.cpu_ticks)?) * 1_000_000
-                / clock_ticks_per_sec(),
-        )
-    };
-    let server_cpu = cpu_us(&o.server_run_start, &o.server_run_end);
-    let per_conn = match (kib(&o.server_before), kib(&o.server_connected)) {
-        (Some(a), Some(b)) => Some(((b as f64 - a as f64) * 1024.0 / conns).round()),
+    let deliveries = p.has_runs().then_some(f.deliveries);
+    // Tab k of every user is on node k mod the number of nodes.
+    let n = o.nodes.len().max(1);
+    let nodes: Vec<Value> = o
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, nf)| {
+            let on = (0..p.tabs).filter(|k| k % n == i).count() * p.users;
+            proc_json(nf, on, deliveries)
+        })
+        .collect();
+    let server_cpu: Option<u64> = o
+        .nodes
+        .iter()
+        .map(|nf| cpu_us(&nf.run_start, &nf.run_end))
+        .sum();
+    let redis = o.redis.as_ref().map(|r| proc_json(r, 0, deliveries));
+    let redis_cpu = o
+        .redis
+        .as_ref()
+        .and_then(|r| cpu_us(&r.run_start, &r.run_end));
+    let per_conn = match (
+        sum(&nodes, "rss_before_kib").as_f64(),
+        sum(&nodes, "rss_connected_kib").as_f64(),
+    ) {
+        (Some(a), Some(b)) => Some(((b - a) * 1024.0 / conns).round()),
         _ => None,
     };
+    let mut server = json!({
+        "rss_before_kib": sum(&nodes, "rss_before_kib"),
+        "rss_connected_kib": sum(&nodes, "rss_connected_kib"),
+        "rss_per_connection_bytes": per_conn,
+        "rss_peak_kib": sum(&nodes, "rss_peak_kib"),
+        "vm_hwm_kib": sum(&nodes, "vm_hwm_kib"),
+        "threads": sum(&nodes, "threads"),
+        "cpu_run_ms": server_cpu.map(|c| c as f64 / 1000.0),
+    });
+    if nodes.len() > 1 {
+        // The totals above are sums over the nodes (RSS peaks: of each node's own peak).
+        server["nodes"] = json!(nodes);
+    }
     let mut v = json!({
         "connect": {
             "connections": p.connections(),
@@ -137,27 +220,24 @@ pub fn figures(p: &Params, o: &Outcome, f: &Figures) -> Value {
             "retries": l(&ev.connect_retries),
             "source_addrs": o.sources.max(1),
         },
-        "server": {
-            "rss_before_kib": kib(&o.server_before),
-            "rss_connected_kib": kib(&o.server_connected),
-            "rss_per_connection_bytes": per_conn,
-            "rss_peak_kib": (o.server_rss_peak_kib > 0).then_some(o.server_rss_peak_kib),
-            "vm_hwm_kib": o.server_last.or(o.server_run_end).map(|s| s.hwm_kib),
-            "threads": o.server_run_end.map(|s| s.threads),
-            "cpu_run_ms": server_cpu.map(|c| c as f64 / 1000.0),
-        },
+        "server": server,
         "harness": {
             "cpu_run_ms": o.harness_cpu_us as f64 / 1000.0,
         },
     });
+    if let Some(r) = redis {
+        v["redis"] = r;
+    }
     // How busy the whole machine was over the run phase, and how much of that was neither the
-    // server nor the harness (other processes: the measure of noise).
+    // server (its nodes), its Redis nor the harness (other processes: the measure of noise).
     if let Some((busy, total)) = o.machine_ticks {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let secs = total as f64 / cores / clock_ticks_per_sec() as f64;
         if secs > 0.0 {
             let busy_cores = busy as f64 / clock_ticks_per_sec() as f64 / secs;
-            let ours = (server_cpu.unwrap_or(0) + o.harness_cpu_us) as f64 / 1e6 / secs;
+            let ours = (server_cpu.unwrap_or(0) + redis_cpu.unwrap_or(0) + o.harness_cpu_us) as f64
+                / 1e6
+                / secs;
             v["machine_load"] = json!({
                 "busy_cores": round3(busy_cores),
                 "other_processes_cores": round3((busy_cores - ours).max(0.0)),
@@ -188,6 +268,10 @@ pub fn figures(p: &Params, o: &Outcome, f: &Figures) -> Value {
         }
         if let Some(c) = server_cpu {
             m["server"]["cpu_us_per_event"] = json!(round3(c as f64 / f.deliveries.max(1) as f64));
+            if let Some(r) = redis_cpu {
+                m["server"]["with_redis_cpu_us_per_event"] =
+                    json!(round3((c + r) as f64 / f.deliveries.max(1) as f64));
+            }
         }
         m["harness"]["cpu_us_per_event"] =
             json!(round3(o.harness_cpu_us as f64 / f.deliveries.max(1) as f64));
@@ -266,11 +350,16 @@ pub fn table(p: &Params, v: &Value, faults: &[(&str, u64)], messages: &[String],
     let f = &v["figures"];
     println!();
     println!(
-        "== agentcast load: {} ({} users x {} tabs = {} connections)",
+        "== agentcast load: {} ({} users x {} tabs = {} connections{})",
         p.scenario.name(),
         p.users,
         p.tabs,
-        p.connections()
+        p.connections(),
+        match (p.nodes, p.own_redis) {
+            (1, false) => String::new(),
+            (1, true) => ", 1 node on Redis".into(),
+            (n, _) => format!(", {n} nodes"),
+        }
     );
     if p.has_runs() {
         println!(
@@ -327,15 +416,22 @@ pub fn table(p: &Params, v: &Value, faults: &[(&str, u64)], messages: &[String],
         }
     }
     let s = &f["server"];
+    let nodes = s["nodes"].as_array().map_or(&[][..], Vec::as_slice);
+    // With several nodes the server's figures are sums over them.
+    let all = if nodes.is_empty() {
+        String::new()
+    } else {
+        format!("sum over the {} nodes", nodes.len())
+    };
     row(
         "server RSS before connecting (KiB)",
         num(&s["rss_before_kib"]),
-        "",
+        &all,
     );
     row(
         "server RSS connected (KiB)",
         num(&s["rss_connected_kib"]),
-        "",
+        &all,
     );
     row(
         "server RSS per connection (bytes)",
@@ -345,23 +441,85 @@ pub fn table(p: &Params, v: &Value, faults: &[(&str, u64)], messages: &[String],
     row(
         "server RSS peak (KiB)",
         num(&s["rss_peak_kib"]),
-        "sampled every 50 ms",
+        &if nodes.is_empty() {
+            "sampled every 50 ms".to_string()
+        } else {
+            format!("{all} (each node's own peak), sampled every 50 ms")
+        },
     );
-    row("server VmHWM (KiB)", num(&s["vm_hwm_kib"]), "");
+    row("server VmHWM (KiB)", num(&s["vm_hwm_kib"]), &all);
     if p.has_runs() {
-        row("server CPU over the run (ms)", num(&s["cpu_run_ms"]), "");
+        row("server CPU over the run (ms)", num(&s["cpu_run_ms"]), &all);
         row(
             "server CPU per delivered event (us)",
             num(&s["cpu_us_per_event"]),
-            target_note(p, "cpu"),
+            if nodes.is_empty() {
+                target_note(p, "cpu")
+            } else {
+                all.as_str()
+            },
         );
+    } else {
+        row("server CPU while held (ms)", num(&s["cpu_hold_ms"]), "");
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        row(
+            &format!("node {i} RSS connected / peak (KiB)"),
+            format!(
+                "{} / {}",
+                num(&node["rss_connected_kib"]),
+                num(&node["rss_peak_kib"])
+            ),
+            "",
+        );
+        row(
+            &format!("node {i} CPU over the run (ms)"),
+            num(&node["cpu_run_ms"]),
+            "",
+        );
+        if p.has_runs() {
+            row(
+                &format!("node {i} CPU per event (us)"),
+                num(&node["cpu_us_per_event"]),
+                "its CPU / all delivered events",
+            );
+        }
+    }
+    if let Some(r) = f.get("redis") {
+        row(
+            "Redis RSS before / connected (KiB)",
+            format!(
+                "{} / {}",
+                num(&r["rss_before_kib"]),
+                num(&r["rss_connected_kib"])
+            ),
+            "",
+        );
+        row(
+            "Redis RSS peak (KiB)",
+            num(&r["rss_peak_kib"]),
+            "sampled every 50 ms",
+        );
+        row("Redis CPU over the run (ms)", num(&r["cpu_run_ms"]), "");
+        if p.has_runs() {
+            row(
+                "Redis CPU per delivered event (us)",
+                num(&r["cpu_us_per_event"]),
+                "",
+            );
+            row(
+                "server+Redis CPU per event (us)",
+                num(&s["with_redis_cpu_us_per_event"]),
+                "the nodes' CPU and Redis's / delivered events",
+            );
+        }
+    }
+    if p.has_runs() {
         row(
             "harness CPU per delivered event (us)",
             num(&f["harness"]["cpu_us_per_event"]),
             "",
         );
-    } else {
-        row("server CPU while held (ms)", num(&s["cpu_hold_ms"]), "");
     }
     if let Some(st) = f.get("storm") {
         row("storm: reconnected", num(&st["reconnected"]), "");
@@ -415,12 +573,12 @@ pub fn table(p: &Params, v: &Value, faults: &[(&str, u64)], messages: &[String],
                 num(&m["busy_cores"]),
                 num(&m["other_processes_cores"])
             ),
-            "noise: CPU used by neither server nor harness",
+            "noise: CPU used by neither server, Redis nor harness",
         );
     }
     let total: u64 = faults.iter().map(|(_, n)| n).sum();
     let verdict = if total == 0 {
-        "OK: every connection saw every event of its user once, in order, nothing foreign, every run completed".to_string()
+        "OK: every connection saw every event of its user once, in order, the same as its user's other tabs, nothing foreign, every run completed".to_string()
     } else {
         format!(
             "FAILED: {}",

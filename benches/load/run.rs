@@ -11,8 +11,21 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::cli::{Params, Scenario};
-use crate::client::{self, Shared, Tab, User};
-use crate::server::{self, ProcSample};
+use crate::client::{self, Endpoint, Shared, Tab, User};
+use crate::server::{self, Cluster, ProcSample};
+
+/// One process's figures (a node, or Redis) at the points between the phases.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcFigures {
+    pub pid: Option<u32>,
+    pub before: Option<ProcSample>,
+    pub connected: Option<ProcSample>,
+    pub run_start: Option<ProcSample>,
+    pub run_end: Option<ProcSample>,
+    pub last: Option<ProcSample>,
+    /// Highest VmRSS seen by the sampler (every 50 ms), KiB.
+    pub rss_peak_kib: u64,
+}
 
 pub struct Outcome {
     pub shared: Arc<Shared>,
@@ -24,13 +37,10 @@ pub struct Outcome {
     /// The run phase: from the gate until every tab finished (or the timeout).
     pub run_secs: f64,
     pub timed_out: bool,
-    pub server_before: Option<ProcSample>,
-    pub server_connected: Option<ProcSample>,
-    pub server_run_start: Option<ProcSample>,
-    pub server_run_end: Option<ProcSample>,
-    pub server_last: Option<ProcSample>,
-    /// Highest VmRSS seen by the sampler (every 50 ms), KiB.
-    pub server_rss_peak_kib: u64,
+    /// Each node of the server, in --url / node order.
+    pub nodes: Vec<ProcFigures>,
+    /// The Redis the nodes share, when its pid is known.
+    pub redis: Option<ProcFigures>,
     pub harness_cpu_us: u64,
     /// Machine-wide (busy, total) CPU ticks over the run phase, from /proc/stat.
     pub machine_ticks: Option<(u64, u64)>,
@@ -65,7 +75,7 @@ async fn wait_for(counter: &AtomicUsize, notify: &Notify, n: usize, deadline: In
 
 pub async fn run(
     p: Params,
-    target: &server::Target,
+    cluster: &Cluster,
     source_addrs: u8,
     connect_concurrency: usize,
     timeout: Duration,
@@ -75,11 +85,31 @@ pub async fn run(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0);
-    let pid = target.pid;
-    let sample = move || pid.and_then(server::sample);
+    // Every node's pid, then Redis's: sampled together between the phases.
+    let pids: Vec<Option<u32>> = cluster
+        .nodes
+        .iter()
+        .map(|t| t.pid)
+        .chain(cluster.redis_pid().map(Some))
+        .collect();
+    let sample = {
+        let pids = pids.clone();
+        move || -> Vec<Option<ProcSample>> {
+            pids.iter().map(|p| p.and_then(server::sample)).collect()
+        }
+    };
 
     let n = p.connections();
-    let sources = if !target.addr.ip().is_loopback() {
+    let endpoints: Vec<Endpoint> = cluster
+        .nodes
+        .iter()
+        .map(|t| Endpoint {
+            addr: t.addr,
+            host: t.host.clone(),
+            path: t.path.clone(),
+        })
+        .collect();
+    let sources = if !endpoints.iter().all(|e| e.addr.ip().is_loopback()) {
         Vec::new()
     } else {
         let k = if source_addrs > 0 {
@@ -101,7 +131,7 @@ pub async fn run(
     let users: Vec<Arc<User>> = (0..p.users)
         .map(|idx| {
             let name = format!("bench-{tag}-{idx}");
-            let token = agentcast::auth::sign(&target.secret, &name, exp);
+            let token = agentcast::auth::sign(&cluster.secret, &name, exp);
             Arc::new(User {
                 idx,
                 token: HeaderValue::from_str(&format!("Bearer {token}")).expect("token is ASCII"),
@@ -115,9 +145,7 @@ pub async fn run(
     let (gate_tx, gate_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
-        addr: target.addr,
-        host: target.host.clone(),
-        path: target.path.clone(),
+        endpoints,
         sources: sources.clone(),
         // Small buffers: frames are small, and 10,000 connections x the default 128 KiB read
         // buffer would be more than a gigabyte of harness memory.
@@ -143,19 +171,23 @@ pub async fn run(
         params: p.clone(),
     });
 
-    // The server's RSS, every 50 ms, for the peak.
-    let peak = Arc::new(AtomicU64::new(0));
+    // Each process's RSS, every 50 ms, for its peak.
+    let peaks: Arc<Vec<AtomicU64>> = Arc::new(pids.iter().map(|_| AtomicU64::new(0)).collect());
     let sampler = {
-        let peak = peak.clone();
+        let peaks = peaks.clone();
+        let sample = sample.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis(50));
             loop {
                 every.tick().await;
-                match sample() {
-                    Some(s) => {
+                let samples = sample();
+                if samples.iter().all(Option::is_none) {
+                    break;
+                }
+                for (peak, s) in peaks.iter().zip(samples) {
+                    if let Some(s) = s {
                         peak.fetch_max(s.rss_kib, Ordering::Relaxed);
                     }
-                    None => break,
                 }
             }
         })
@@ -285,8 +317,27 @@ pub async fn run(
     for t in &tabs {
         client::verify_tab(&shared, t);
     }
+    // The tabs of a user are consecutive: they must have got the same event under each seq,
+    // whichever node each is on.
+    for user in tabs.chunk_by(|a, b| a.user.idx == b.user.idx) {
+        client::verify_user(&shared, user);
+    }
     sampler.abort();
     let server_last = sample();
+    let mut procs: Vec<ProcFigures> = pids
+        .iter()
+        .enumerate()
+        .map(|(i, &pid)| ProcFigures {
+            pid,
+            before: server_before[i],
+            connected: server_connected[i],
+            run_start: server_run_start[i],
+            run_end: server_run_end[i],
+            last: server_last[i],
+            rss_peak_kib: peaks[i].load(Ordering::Relaxed),
+        })
+        .collect();
+    let redis = (procs.len() > cluster.nodes.len()).then(|| procs.pop().expect("redis"));
     Outcome {
         shared,
         tabs,
@@ -294,12 +345,8 @@ pub async fn run(
         run_start_us,
         run_secs,
         timed_out: timed_out || stalled,
-        server_before,
-        server_connected,
-        server_run_start,
-        server_run_end,
-        server_last,
-        server_rss_peak_kib: peak.load(Ordering::Relaxed),
+        nodes: procs,
+        redis,
         harness_cpu_us,
         machine_ticks,
         sources: sources.len(),

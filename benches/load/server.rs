@@ -1,5 +1,7 @@
 //! The server under test: started by the harness (the release binary on 127.0.0.1:0 with a
-//! random secret) or a running one given by --url; and its figures from /proc.
+//! random secret; with --nodes N or --redis, a redis-server of its own and N nodes on it) or a
+//! running one given by --url (one URL per node); and the figures of their processes from
+//! /proc.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -9,13 +11,42 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-/// Where the harness connects, and what it knows about the server.
+/// Everything the harness measures against: the server's nodes (one unless --nodes or several
+/// --url), the Redis they share when the harness started one, and the token secret.
+pub struct Cluster {
+    pub nodes: Vec<Target>,
+    pub redis: Option<RedisServer>,
+    /// With --url: the pid of the Redis the nodes share (--redis-pid), for its figures.
+    pub redis_pid: Option<u32>,
+    pub secret: String,
+}
+
+impl Cluster {
+    /// The pid whose figures are Redis's: the started redis-server, or --redis-pid.
+    pub fn redis_pid(&self) -> Option<u32> {
+        self.redis.as_ref().map(|r| r.pid).or(self.redis_pid)
+    }
+
+    /// Stops what the harness started: SIGTERM to every node at once, waiting up to `wait`
+    /// for all of them (SIGKILL after that), then the redis-server. Returns each node's exit
+    /// and Redis's, as text (None for what it did not start).
+    pub fn stop(&mut self, wait: Duration) -> (Vec<Option<String>>, Option<String>) {
+        for n in &self.nodes {
+            n.terminate();
+        }
+        let deadline = Instant::now() + wait;
+        let nodes = self.nodes.iter_mut().map(|n| n.wait(deadline)).collect();
+        let redis = self.redis.as_mut().map(|r| r.stop(Duration::from_secs(10)));
+        (nodes, redis)
+    }
+}
+
+/// Where the harness connects for one node, and what it knows about it.
 pub struct Target {
     pub addr: SocketAddr,
     /// Host header and path of the WebSocket endpoint.
     pub host: String,
     pub path: String,
-    pub secret: String,
     pub pid: Option<u32>,
     /// The started server, when the harness started it.
     pub child: Option<Spawned>,
@@ -63,18 +94,46 @@ fn has_flag(args: &[String], flag: &str) -> bool {
         .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
 }
 
-/// Starts the server: `--bind 127.0.0.1:0 --jwt-secret <random>`, per-user limits raised to fit
-/// the scenario (when the binary has them and --server-arg did not set them), then `extra`.
-/// Waits for `agentcast listening on [ADDR]` on its stderr.
+/// A child process the harness starts is killed when the harness dies, however it dies (the
+/// thread that spawns it, the main thread, lives until the harness exits): a harness killed
+/// or crashed mid-run leaves no node or Redis behind.
+fn die_with_harness(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+/// Starts one node: `--bind 127.0.0.1:0 --jwt-secret <secret>`, with `redis` = (URL, node id)
+/// `--redis-url URL --node-id ID`, per-user limits raised to fit the scenario (when the binary
+/// has them and --server-arg did not set them), then `extra`. Waits for
+/// `agentcast listening on [ADDR]` on its stderr.
 pub fn spawn(
     bin: &Path,
     extra: &[String],
     needs: &ServerNeeds,
     log_path: PathBuf,
+    secret: &str,
+    redis: Option<(&str, &str)>,
 ) -> Result<Target, String> {
     let help = supported_flags(bin);
-    let secret = random_secret();
     let mut args: Vec<String> = vec!["--bind".into(), "127.0.0.1:0".into()];
+    if let Some((url, node_id)) = redis {
+        if !help.contains("--redis-url") {
+            return Err(format!(
+                "{} has no --redis-url: it cannot run on Redis (--nodes, --redis)",
+                bin.display()
+            ));
+        }
+        args.extend(["--redis-url".into(), url.into()]);
+        if help.contains("--node-id") && !has_flag(extra, "--node-id") {
+            args.extend(["--node-id".into(), node_id.into()]);
+        }
+    }
     let mut fit = |flag: &str, value: String| {
         if help.contains(flag) && !has_flag(extra, flag) {
             args.push(flag.into());
@@ -103,9 +162,9 @@ pub fn spawn(
     args.extend(extra.iter().cloned());
     let shown = args.clone();
     args.push("--jwt-secret".into());
-    args.push(secret.clone());
+    args.push(secret.into());
 
-    let mut child = Command::new(bin)
+    let mut child = die_with_harness(&mut Command::new(bin))
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -160,10 +219,12 @@ pub fn spawn(
         Ok(Ok(addr)) => addr,
         Ok(Err(e)) => {
             let _ = child.kill();
+            let _ = child.wait();
             return Err(format!("{e} (log: {})", log_path.display()));
         }
         Err(_) => {
             let _ = child.kill();
+            let _ = child.wait();
             return Err(format!(
                 "the server did not report listening within 30 s (log: {})",
                 log_path.display()
@@ -175,7 +236,6 @@ pub fn spawn(
         addr,
         host: addr.to_string(),
         path: "/v1/ws".into(),
-        secret,
         pid: Some(pid),
         child: Some(Spawned {
             child,
@@ -196,8 +256,8 @@ pub struct ServerNeeds {
     pub outbound_queue: Option<usize>,
 }
 
-/// A running server at `url` (ws://host:port/path).
-pub fn target(url: &str, secret: String, pid: Option<u32>) -> Result<Target, String> {
+/// A running server (or one node of it) at `url` (ws://host:port/path).
+pub fn target(url: &str, pid: Option<u32>) -> Result<Target, String> {
     let rest = url
         .strip_prefix("ws://")
         .ok_or("--url must be ws://HOST:PORT/PATH (wss is not supported by the harness)")?;
@@ -215,37 +275,43 @@ pub fn target(url: &str, secret: String, pid: Option<u32>) -> Result<Target, Str
         addr,
         host: hostport.to_string(),
         path,
-        secret,
         pid,
         child: None,
     })
 }
 
 impl Target {
-    /// Stops a started server with SIGTERM (it ends runs and closes connections with 1001),
-    /// waiting up to `wait`; SIGKILL after that. Returns its exit status as text.
-    pub fn stop(&mut self, wait: Duration) -> Option<String> {
-        let spawned = self.child.as_mut()?;
-        let pid = spawned.child.id() as libc::pid_t;
-        // SAFETY: signalling our own child process by pid.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
+    /// Sends SIGTERM to a started server (it ends runs and closes connections with 1001).
+    fn terminate(&self) {
+        if let Some(spawned) = &self.child {
+            // SAFETY: signalling our own child process by pid.
+            unsafe {
+                libc::kill(spawned.child.id() as libc::pid_t, libc::SIGTERM);
+            }
         }
-        let deadline = Instant::now() + wait;
-        loop {
-            match spawned.child.try_wait() {
-                Ok(Some(status)) => return Some(status.to_string()),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    let _ = spawned.child.kill();
-                    let _ = spawned.child.wait();
-                    return Some(format!(
-                        "killed: no exit {} s after SIGTERM",
-                        wait.as_secs()
-                    ));
-                }
+    }
+
+    /// Waits for a started server to exit until `deadline`, SIGKILL after that. Returns its
+    /// exit status as text.
+    fn wait(&mut self, deadline: Instant) -> Option<String> {
+        let spawned = self.child.as_mut()?;
+        wait_or_kill(&mut spawned.child, deadline)
+    }
+}
+
+fn wait_or_kill(child: &mut Child, deadline: Instant) -> Option<String> {
+    let wait = deadline.saturating_duration_since(Instant::now());
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status.to_string()),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Some(format!(
+                    "killed: no exit {} s after SIGTERM",
+                    wait.as_secs()
+                ));
             }
         }
     }
@@ -258,6 +324,118 @@ impl Drop for Target {
                 let _ = s.child.kill();
                 let _ = s.child.wait();
             }
+        }
+    }
+}
+
+/// A redis-server the harness started for its nodes: loopback, a free port, no persistence.
+pub struct RedisServer {
+    child: Child,
+    pub pid: u32,
+    pub url: String,
+    pub args: Vec<String>,
+    pub log_path: PathBuf,
+}
+
+/// Starts `bin` (redis-server) on a free loopback port with `--save '' --appendonly no`,
+/// logging to `log_path`, and waits until it answers PING. Tries another port if the one
+/// picked was taken in between.
+pub fn start_redis(bin: &Path, log_path: PathBuf) -> Result<RedisServer, String> {
+    if let Some(dir) = log_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let dir = log_path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let mut last_err = String::new();
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("cannot find a free port: {e}"))?
+            .port();
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir.display().to_string(),
+            "--logfile",
+            &log_path.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut child = die_with_harness(&mut Command::new(bin))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if redis_ping(port) {
+                return Ok(RedisServer {
+                    pid: child.id(),
+                    child,
+                    url: format!("redis://127.0.0.1:{port}"),
+                    args,
+                    log_path,
+                });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                last_err = format!("{} exited ({status}) on port {port}", bin.display());
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                last_err = format!(
+                    "{} did not answer PING on port {port} in 10 s",
+                    bin.display()
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Err(format!("{last_err} (log: {})", log_path.display()))
+}
+
+/// True when a Redis on 127.0.0.1:`port` answers PING (inline command).
+fn redis_ping(port: u16) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 16];
+    s.write_all(b"PING\r\n").is_ok()
+        && s.read(&mut buf)
+            .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+}
+
+impl RedisServer {
+    /// SIGTERM (no persistence: it exits at once), SIGKILL after `wait`.
+    fn stop(&mut self, wait: Duration) -> String {
+        // SAFETY: signalling our own child process by pid.
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+        }
+        wait_or_kill(&mut self.child, Instant::now() + wait).unwrap_or_default()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
