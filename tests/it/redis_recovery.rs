@@ -144,6 +144,13 @@ async fn appends_redis_refuses_wait_and_are_never_lost() {
         events.last().map(|e| e["data"]["status"].clone()),
         Some(json!("succeeded"))
     );
+    // And the refusals cost the history nothing: the stream holds every event.
+    let len = redis.command(&["XLEN", "{u:alice}:log"]).expect("XLEN");
+    assert_eq!(
+        len.trim().parse::<u64>().ok(),
+        seqs.last().copied(),
+        "the user's stream after Redis refused writes"
+    );
 }
 
 /// Redis loses its newest events and keeps the epoch (a restart from an old snapshot, a

@@ -89,7 +89,7 @@ pub async fn run(
                         log::warn!("Redis pub/sub: the connection closed; reconnecting");
                         break;
                     };
-                    deliver(&msg, &control, &news);
+                    deliver(&msg, &control, link.node_id(), &news);
                 }
                 follow = follows.recv() => {
                     let Some(follow) = follow else { return };
@@ -137,7 +137,7 @@ pub async fn run(
 }
 
 /// Hands a published message to the registry, without waiting.
-fn deliver(msg: &redis::Msg, control: &str, news: &Recipient<LogNews>) {
+fn deliver(msg: &redis::Msg, control: &str, me: &str, news: &Recipient<LogNews>) {
     let channel = msg.get_channel_name();
     let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) else {
         log::warn!("Redis pub/sub: a message on {channel} is not UTF-8; dropped");
@@ -157,10 +157,15 @@ fn deliver(msg: &redis::Msg, control: &str, news: &Recipient<LogNews>) {
         let Some(user) = UserKeys::user_of_channel(channel) else {
             return;
         };
-        let Some((epoch, frame)) = parse_published(payload) else {
+        let Some((node, epoch, frame)) = parse_published(payload) else {
             log::warn!("Redis pub/sub: a malformed frame for user {user}; dropped");
             return;
         };
+        // This node's own: it has the frame from the append's reply. (An append retried after
+        // a lost reply is answered `dup`: its frame then comes with the next resync.)
+        if node == me {
+            return;
+        }
         LogNews::Frame { user, epoch, frame }
     };
     if news.try_send(item).is_err() {

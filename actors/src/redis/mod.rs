@@ -620,14 +620,20 @@ fn frame_from(seq: u64, run_id: &str, kind: &str, emitted_us: &str, tail: &str) 
     Some(Frame::assemble(seq, kind, run_id.into(), tail, emitted))
 }
 
-/// A published message: `epoch \n seq \n run_id \n kind \n emitted_us \n tail`.
-fn parse_published(payload: &str) -> Option<(Arc<str>, Frame)> {
-    let mut parts = payload.splitn(6, '\n');
+/// A published message: `node \n epoch \n seq \n run_id \n kind \n emitted_us \n tail`.
+/// Returns the node that appended it too.
+fn parse_published(payload: &str) -> Option<(&str, Arc<str>, Frame)> {
+    let mut parts = payload.splitn(7, '\n');
+    let node = parts.next()?;
     let epoch = parts.next()?;
     let seq = parts.next()?.parse().ok()?;
     let (run_id, kind, emitted, tail) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    Some((epoch.into(), frame_from(seq, run_id, kind, emitted, tail)?))
+    Some((
+        node,
+        epoch.into(),
+        frame_from(seq, run_id, kind, emitted, tail)?,
+    ))
 }
 
 /// A stream entry: `[id "<seq>-0", [field, value, ...]]`.
@@ -701,16 +707,17 @@ mod tests {
         };
         let frame = encode(9, &"run_p".into(), Some("th"), at, &data);
         let payload = format!(
-            "ep\n9\nrun_p\nagent_thinking\n{}\n{}",
+            "node-x\nep\n9\nrun_p\nagent_thinking\n{}\n{}",
             micros_since_epoch(at),
             frame.tail()
         );
-        let (epoch, back) = parse_published(&payload).expect("parses");
+        let (node, epoch, back) = parse_published(&payload).expect("parses");
+        assert_eq!(node, "node-x");
         assert_eq!(&*epoch, "ep");
         assert_eq!(back.seq, 9);
         assert_eq!(back.text, frame.text);
         assert_eq!(back.emitted, at);
-        assert!(parse_published("ep\n9\nrun_p\nnot_a_type\n1\n{}").is_none());
-        assert!(parse_published("ep\nx\nrun_p\nagent_thinking\n1\n{}").is_none());
+        assert!(parse_published("n\nep\n9\nrun_p\nnot_a_type\n1\n{}").is_none());
+        assert!(parse_published("n\nep\nx\nrun_p\nagent_thinking\n1\n{}").is_none());
     }
 }

@@ -14,9 +14,11 @@ use std::sync::LazyLock;
 /// hash, adds it to the stream as `<seq>-0`, trims the stream's oldest entries to the count
 /// and byte bounds (`--replay-capacity`, `--replay-user-max-bytes`: one user cannot fill
 /// Redis; the newest entry always stays), refreshes the TTLs, updates
-/// the run record and publishes it with its epoch and seq. The meta hash is only bumped once
-/// the entry is in, so no seq is ever given out without its event (a false gap). A stream that
-/// is ahead of the meta hash (a failover kept one and not the other) starts a new epoch.
+/// the run record and publishes it with its node, epoch and seq (the appending node has the
+/// frame from the reply, and skips its own copy). About eight commands per event. The meta
+/// hash is only bumped once the entry is in, so no seq is ever given out without its event (a
+/// false gap). A stream that is ahead of the meta hash (a failover kept one and not the other)
+/// starts a new epoch.
 ///
 /// KEYS: meta, log, running, run. ARGV: 1 epoch if none, 2 run id, 3 kind, 4 emitted (us),
 /// 5 tail, 6 maxlen, 7 log ttl (ms), 8 meta ttl (ms), 9 index, 10 tool call id, 11 tool,
@@ -27,7 +29,9 @@ pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local meta, log, running, run = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local status = redis.call('HGET', run, 'status')
+local index = tonumber(ARGV[9])
+local r = redis.call('HMGET', run, 'status', 'node', 'n')
+local status, n = r[1], tonumber(r[3] or '0')
 if not status then
   -- Its record went with Redis's data: the run goes on, in the new history. (A record of an
   -- ended run expires only long after its end: see TAKE and the run ttl.)
@@ -35,50 +39,61 @@ if not status then
     'proc', ARGV[18])
   redis.call('SADD', running, ARGV[2])
   redis.call('PEXPIRE', running, ARGV[15])
-  status = 'running'
+  status, n = 'running', 0
+elseif r[2] ~= ARGV[14] then
+  return {'ended'}
 end
-if status ~= 'running' or redis.call('HGET', run, 'node') ~= ARGV[14] then return {'ended'} end
-local index = tonumber(ARGV[9])
-local n = tonumber(redis.call('HGET', run, 'n') or '0')
+if status ~= 'running' then return {'ended'} end
 if index <= n then return {'dup'} end
 if index > n + 1 then return {'early'} end
-redis.call('HSETNX', meta, 'epoch', ARGV[1])
-local epoch = redis.call('HGET', meta, 'epoch')
-local seq = tonumber(redis.call('HGET', meta, 'top') or '0') + 1
+local m = redis.call('HMGET', meta, 'epoch', 'top', 'bytes')
+local epoch = m[1] or ARGV[1]
+local seq = tonumber(m[2] or '0') + 1
 if seq == 1 then redis.call('DEL', log) end
--- The stream's bytes, as the budget counts them, live in the meta hash; an empty (or
--- expired) stream holds none.
-if redis.call('XLEN', log) == 0 then redis.call('HSET', meta, 'bytes', 0) end
 local added = redis.pcall('XADD', log, seq .. '-0',
   'r', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'b', ARGV[5])
 if type(added) == 'table' and added.err then
+  -- Anything but "the stream is ahead of the meta hash" (OOM, say) changes nothing here.
+  if not string.find(added.err, 'equal or smaller', 1, true) then
+    return redis.error_reply(added.err)
+  end
+  -- The stream is ahead of the meta hash: this history cannot be trusted; a new one.
   redis.call('DEL', log)
-  redis.call('HSET', meta, 'epoch', ARGV[1], 'bytes', 0)
   epoch = ARGV[1]
   seq = 1
   redis.call('XADD', log, '1-0', 'r', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'b', ARGV[5])
 end
-local bytes = redis.call('HINCRBY', meta, 'bytes', string.len(ARGV[5]) + 96)
-local maxlen, maxbytes = tonumber(ARGV[6]), tonumber(ARGV[17])
+-- The stream's bytes, as the budget counts them, live in the meta hash; a new (or expired)
+-- stream holds only this entry.
+local cost = string.len(ARGV[5]) + 96
 local len = redis.call('XLEN', log)
+local bytes = cost
+if len > 1 then bytes = tonumber(m[3] or '0') + cost end
+local maxlen, maxbytes = tonumber(ARGV[6]), tonumber(ARGV[17])
 while len > 1 and (len > maxlen or bytes > maxbytes) do
   local oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
   if not oldest then break end
-  local cost = 96
+  local c = 96
   local f = oldest[2]
   for i = 1, #f, 2 do
-    if f[i] == 'b' then cost = string.len(f[i + 1]) + 96 end
+    if f[i] == 'b' then c = string.len(f[i + 1]) + 96 end
   end
   redis.call('XDEL', log, oldest[1])
-  bytes = redis.call('HINCRBY', meta, 'bytes', -cost)
+  bytes = bytes - c
   len = len - 1
 end
-redis.call('HSET', meta, 'top', seq)
-redis.call('PEXPIRE', log, ARGV[7])
-redis.call('PEXPIRE', meta, ARGV[8])
-redis.call('HSET', run, 'n', index, 'last', seq)
-redis.call('HSETNX', run, 'first', seq)
+redis.call('HSET', meta, 'epoch', epoch, 'top', seq, 'bytes', bytes)
+-- The TTLs run from the user's latest event; refreshed at most about once a second.
+if len == 1 or redis.call('PTTL', log) < tonumber(ARGV[7]) - 1000 then
+  redis.call('PEXPIRE', log, ARGV[7])
+  redis.call('PEXPIRE', meta, ARGV[8])
+end
 local kind = ARGV[3]
+if n == 0 then
+  redis.call('HSET', run, 'n', index, 'last', seq, 'first', seq)
+else
+  redis.call('HSET', run, 'n', index, 'last', seq)
+end
 if kind == 'tool_executing' then
   redis.call('HSET', run, 'open:' .. ARGV[10], ARGV[11])
   redis.call('HINCRBY', run, 'calls', 1)
@@ -87,9 +102,9 @@ elseif kind == 'tool_completed' then
 elseif kind == 'agent_completed' then
   redis.call('HSET', run, 'status', ARGV[12], 'ended', ARGV[4])
   redis.call('SREM', running, ARGV[2])
+  if redis.call('PTTL', run) < tonumber(ARGV[15]) then redis.call('PEXPIRE', run, ARGV[15]) end
 end
-if redis.call('PTTL', run) < tonumber(ARGV[15]) then redis.call('PEXPIRE', run, ARGV[15]) end
-redis.call('PUBLISH', ARGV[13],
+redis.call('PUBLISH', ARGV[13], ARGV[14] .. '\n' ..
   epoch .. '\n' .. seq .. '\n' .. ARGV[2] .. '\n' .. kind .. '\n' .. ARGV[4] .. '\n' .. ARGV[5])
 return {'ok', epoch, seq}
 "#,
