@@ -1,16 +1,20 @@
 //! The writer: this node's appends, in order, pipelined, retried until Redis takes them.
 //!
-//! Order matters within a user (the registry admitted a run's events in order, and a
-//! `tool_completed` must not overtake its `tool_executing`), so appends go out one batch at a
-//! time, in queue order. While Redis does not answer, the batch is retried with a growing
-//! pause; an append that did land before its answer was lost is skipped by the script (its
-//! run's index), so nothing is numbered twice. The registry bounds how many wait here.
+//! Order matters within a run (the registry admitted its events in order, and a
+//! `tool_completed` must not overtake its `tool_executing`): appends go out in queue order, in
+//! batches of up to 256, up to four batches on their way at once on the one connection, whose
+//! order Redis keeps. The script takes a run's events only in index order, so whatever goes
+//! wrong (Redis away or refusing, a batch that fails while later ones land) ends with the
+//! appends not taken sent again, in order, with a growing pause; an append that did land
+//! before its answer was lost is skipped (its run's index), so nothing is numbered twice and
+//! nothing is dropped. The registry bounds how many wait here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use redis::Value;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::mpsc;
 
 use super::keys::{self, UserKeys};
@@ -21,6 +25,8 @@ use crate::metrics::Metrics;
 
 /// Appends sent in one round trip.
 const BATCH: usize = 256;
+/// Batches on their way at once.
+const DEPTH: usize = 4;
 
 pub enum Job {
     Append(AppendJob),
@@ -36,59 +42,98 @@ pub async fn run(
     news: Recipient<LogNews>,
     metrics: Arc<Metrics>,
 ) {
-    let mut batch: Vec<Job> = Vec::with_capacity(BATCH);
     // Loaded up front, so that the first appends do not all meet NOSCRIPT.
     load_scripts(&link).await;
+    // Batches sent and not yet answered, oldest first: Redis works on one while the next is
+    // on its way, instead of the two taking turns.
+    let mut in_flight = FuturesOrdered::new();
+    // Appends to send again, in order, before anything new (Redis away or refusing, or an
+    // append that came before its run's previous one).
+    let mut again: Vec<Job> = Vec::new();
+    let mut pause = Duration::from_millis(50);
     loop {
-        if batch.is_empty() {
-            let Some(job) = jobs.recv().await else {
-                return;
-            };
-            batch.push(job);
-        }
-        while batch.len() < BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        if !again.is_empty() {
+            if in_flight.is_empty() {
+                in_flight.push_back(send(link.clone(), std::mem::take(&mut again)));
+            }
+        } else {
+            while in_flight.len() < DEPTH {
+                let mut batch = Vec::with_capacity(BATCH);
+                if in_flight.is_empty() {
+                    let Some(job) = jobs.recv().await else {
+                        return;
+                    };
+                    batch.push(job);
+                }
+                while batch.len() < BATCH {
+                    match jobs.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                in_flight.push_back(send(link.clone(), batch));
             }
         }
-        // Nothing is ever dropped here: a batch is sent again until Redis takes it, whether
-        // Redis is away or refusing (LOADING after a restart, READONLY or MASTERDOWN during a
-        // failover, OOM, BUSY). Runs wait meanwhile, and fail `unavailable` past the
-        // registry's bound; a retry of an append that had landed is skipped by the script.
-        let mut pause = Duration::from_millis(50);
-        loop {
-            match send(&link, &batch).await {
-                Ok(replies) => {
-                    link.set_up(true, &news);
-                    if settle(&news, &metrics, &mut batch, replies) {
-                        break;
-                    }
-                    // An append arrived before its run's previous one: the rest go again.
-                    log::warn!(
-                        "Redis: {} appends out of order; sending them again",
-                        batch.len()
-                    );
-                }
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    log::info!("Redis does not have the scripts (restarted?): loading them");
-                    load_scripts(&link).await;
-                }
-                Err(e) => {
-                    if unreachable(&e) {
-                        log::warn!("Redis: {} appends wait ({e})", batch.len());
-                    } else {
-                        log::error!("Redis refuses {} appends ({e}); retrying", batch.len());
-                    }
-                    link.set_up(false, &news);
-                }
+        let Some((mut batch, answer)) = in_flight.next().await else {
+            continue;
+        };
+        if taken(&link, &news, &metrics, &mut batch, answer).await {
+            pause = Duration::from_millis(50);
+            continue;
+        }
+        // Nothing is ever dropped here: what was not taken is sent again until Redis takes
+        // it, whether Redis is away or refusing (LOADING after a restart, READONLY or
+        // MASTERDOWN during a failover, OOM, BUSY). Runs wait meanwhile, and fail
+        // `unavailable` past the registry's bound; a retry of an append that had landed is
+        // skipped by the script. The batches sent after this one are answered first, and
+        // what they could not place goes after it, in order.
+        again.append(&mut batch);
+        while let Some((mut later, answer)) = in_flight.next().await {
+            taken(&link, &news, &metrics, &mut later, answer).await;
+            again.append(&mut later);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Settles a batch's answer: true if all of it was taken; else what is left in `batch` is
+/// to be sent again.
+async fn taken(
+    link: &RedisLink,
+    news: &Recipient<LogNews>,
+    metrics: &Metrics,
+    batch: &mut Vec<Job>,
+    answer: redis::RedisResult<Vec<Value>>,
+) -> bool {
+    match answer {
+        Ok(replies) => {
+            link.set_up(true, news);
+            if settle(news, metrics, batch, replies) {
+                return true;
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
+            log::warn!(
+                "Redis: {} appends out of order; sending them again",
+                batch.len()
+            );
+        }
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            log::info!("Redis does not have the scripts (restarted?): loading them");
+            load_scripts(link).await;
+        }
+        Err(e) => {
+            if unreachable(&e) {
+                log::warn!("Redis: {} appends wait ({e})", batch.len());
+            } else {
+                log::error!("Redis refuses {} appends ({e}); retrying", batch.len());
+            }
+            link.set_up(false, news);
         }
     }
+    false
 }
 
 /// Redis is away (as opposed to refusing the command).
@@ -105,7 +150,13 @@ pub async fn load_scripts(link: &RedisLink) {
     }
 }
 
-async fn send(link: &RedisLink, batch: &[Job]) -> redis::RedisResult<Vec<Value>> {
+/// Sends a batch as one pipeline; gives the batch back with the answer.
+async fn send(link: RedisLink, batch: Vec<Job>) -> (Vec<Job>, redis::RedisResult<Vec<Value>>) {
+    let answer = query(&link, &batch).await;
+    (batch, answer)
+}
+
+async fn query(link: &RedisLink, batch: &[Job]) -> redis::RedisResult<Vec<Value>> {
     let config = &link.config;
     let mut pipe = redis::pipe();
     for job in batch {
