@@ -32,12 +32,10 @@ load --scenario slow --users 10 --slow-clients 2 --label smoke
 
 # Two nodes on one Redis (PROTOCOL.md section 10): each user's two tabs are on different nodes,
 # so every event crosses nodes, and the tabs must still get the same frames under every seq.
-if command -v redis-server >/dev/null; then
-    echo "== fanout on 2 nodes sharing a Redis: 20 users x 2 tabs, one tab on each node"
-    load --scenario fanout --users 20 --tabs 2 --runs 3 --nodes 2 --label smoke-2-nodes
-else
-    echo "== fanout on 2 nodes: skipped, no redis-server on PATH (apt-get install redis-server)"
-fi
+command -v redis-server >/dev/null ||
+    { echo "FAIL: no redis-server on PATH: apt-get install redis-server (scripts/test.sh does)" >&2; exit 1; }
+echo "== fanout on 2 nodes sharing a Redis: 20 users x 2 tabs, one tab on each node"
+load --scenario fanout --users 20 --tabs 2 --runs 3 --nodes 2 --label smoke-2-nodes
 
 # This run must fail: its output goes to a log, shown (each line prefixed) only when it did not
 # fail as it should, and its verdict is printed as the expected failure it is, so that a scan of
