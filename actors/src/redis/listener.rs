@@ -162,7 +162,7 @@ fn deliver(msg: &redis::Msg, control: &str, me: &str, news: &Recipient<LogNews>)
             return;
         };
         // This node's own: it has the frame from the append's reply. (An append retried after
-        // a lost reply is answered `dup`: its frame then comes with the next resync.)
+        // a lost reply is answered `dup`, and its frame read back from the stream.)
         if node == me {
             return;
         }

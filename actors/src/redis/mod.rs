@@ -158,6 +158,9 @@ pub enum LogNews {
     /// The subscriptions were lost and are back (or frames were dropped): check every
     /// followed user against the meta hashes.
     Resync,
+    /// One of this node's appends for this user had landed before (a retry): its frame is
+    /// neither in a reply nor, since a node skips its own, in a subscription; read it back.
+    Stale(UserId),
     /// Another node asks this one to cancel a run.
     Cancel(RunId),
     /// A lost node's open runs, for this node to end (and then forget the node's `members`,

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use redis::Value;
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use redis::Value;
 use tokio::sync::mpsc;
 
 use super::keys::{self, UserKeys};
@@ -273,8 +273,11 @@ fn settle(
                 }),
                 _ => log::error!("Redis: unexpected append reply {reply:?}"),
             },
-            // Landed before: its frame came, or comes, through the subscription.
-            Some("dup") => metrics.redis_retried.inc(),
+            // Landed before, its answer lost: the frame is read back from the stream.
+            Some("dup") => {
+                metrics.redis_retried.inc();
+                news.do_send(LogNews::Stale(a.user.clone()));
+            }
             Some("ended") => {
                 log::info!(
                     "run {}: ended by another node; its {} is dropped",

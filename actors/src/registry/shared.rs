@@ -952,6 +952,7 @@ impl Handler<LogNews> for ConnectionRegistry {
                 }
             }
             LogNews::Resync => self.resync(ctx),
+            LogNews::Stale(user) => self.repair(&user, ctx),
             LogNews::Cancel(run_id) => {
                 self.runs.stop(&run_id, CancelReason::Requested);
             }
