@@ -16,13 +16,15 @@
 //! - [`runs`]: the run table, ledgers, limits and sweeping;
 //! - [`shared`]: the same on a shared log (Redis, PROTOCOL.md section 10): this node's events
 //!   are numbered on Redis and come back with every other node's; limits, cancels and run
-//!   views go through Redis.
+//!   views go through Redis; [`window`]: each user's log as this node's window on the
+//!   history, fed in `seq` order.
 
 pub mod event_log;
 pub mod fanout;
 pub mod runs;
 pub mod shared;
 pub mod users;
+pub mod window;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
