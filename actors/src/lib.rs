@@ -1,7 +1,8 @@
 //! agentcast's actor system: everything between an agent doing something and a WebSocket
 //! frame leaving for the user's tabs.
 //!
-//! - [`registry::ConnectionRegistry`] sequences, keeps and routes run events per user.
+//! - [`registry::ConnectionRegistry`] sequences, keeps and routes run events per user, with
+//!   its event log in the process or, with `--redis-url`, on Redis ([`redis`]).
 //! - [`session::Session`] is one WebSocket connection.
 //! - [`run::AgentRunActor`] is one run of an [`agent::Agent`]; tools run in supervised
 //!   [`executor::ToolExecutor`]s.

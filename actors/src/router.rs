@@ -2,10 +2,10 @@
 //! replays events: the messages it answers and [`Router`], the handle that carries them.
 //!
 //! Sessions and agents only ever hold a `Router` (or an `Emitter` made from one), never the
-//! registry's type. The in-process [`ConnectionRegistry`](crate::registry::ConnectionRegistry)
-//! answers these messages today; a Redis-backed registry (pub/sub for routing, Streams for
-//! replay) answers the same ones and slots in through [`Router::new`] without touching sessions
-//! or agents.
+//! registry's type. The [`ConnectionRegistry`](crate::registry::ConnectionRegistry) answers
+//! these messages whether its event log is in the process or on Redis (section 10: the
+//! registry's [`EventLog`](crate::registry::event_log::EventLog) is the seam for that), so
+//! sessions and agents are the same either way.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
