@@ -8,12 +8,12 @@
 //! subscribes to the channels of the users it has sessions for.
 //!
 //! [`RedisLink`] is the registry's handle. It runs on an arbiter (thread) of its own:
-//! - the *writer* ([`writer`]) sends this node's appends in order, pipelined, and retries
+//! - the *writer* (`writer.rs`) sends this node's appends in order, pipelined, and retries
 //!   them while Redis is away (each event of a run has an index, so a retry that had in fact
 //!   landed is skipped, never appended twice);
-//! - the *listener* ([`listener`]) reads the subscriptions and never blocks: a frame it
+//! - the *listener* (`listener.rs`) reads the subscriptions and never blocks: a frame it
 //!   cannot hand over is dropped, and the registry repairs the gap from the stream;
-//! - the *heartbeat* ([`nodes`]) keeps this node alive in the node table and ends the runs of
+//! - the *heartbeat* (`nodes.rs`) keeps this node alive in the node table and ends the runs of
 //!   nodes that lapsed (`node_lost`).
 //!
 //! What they learn reaches the registry as [`LogNews`]; queries the registry waits on

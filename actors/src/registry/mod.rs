@@ -7,7 +7,7 @@
 //! the `last_seq` it was told, exactly once, in order.
 //!
 //! Its state is in parts with one job each:
-//! - [`event_log`]: the [`EventLog`] seam and each user's [`UserLog`], bounded by count, age and
+//! - [`event_log`]: the [`EventLog`] seam and each user's [`UserLog`](event_log::UserLog), bounded by count, age and
 //!   bytes (per user and over all users, idle users' histories first);
 //! - [`fanout`] and [`users`]: each user's sessions, fed live or, once behind, from the log;
 //!   a tab that stops reading is cut off within `fanout::STALL_LIMIT`. When appending an event
