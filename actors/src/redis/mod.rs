@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use crate::event::{Draft, Frame, RunStatus};
 use crate::ids::{random_id, RunId, UserId};
 use crate::metrics::{Metrics, EVENT_TYPES};
+use crate::router::{InspectLease, RunView};
 
 use self::keys::UserKeys;
 
@@ -206,19 +207,6 @@ pub enum Claim {
     Granted,
     TooMany,
     RateLimited { retry_after_ms: u64 },
-}
-
-/// A run's record and its events, read from Redis (`GET /v1/runs/{id}` of a run that is
-/// not this node's).
-#[derive(Debug)]
-pub struct RemoteRun {
-    pub agent: String,
-    pub thread_id: Option<Arc<str>>,
-    pub status: Option<RunStatus>,
-    pub started_at: SystemTime,
-    pub ended_at: Option<SystemTime>,
-    pub events: Vec<Frame>,
-    pub truncated: bool,
 }
 
 /// The registry's handle on Redis.
@@ -555,12 +543,14 @@ impl RedisLink {
         Ok(true)
     }
 
-    /// One of `user`'s runs as Redis has it: its record, and its events from the stream.
+    /// One of `user`'s runs as Redis has it: its record, and its events from the stream, as
+    /// the view `GET /v1/runs/{id}` sends (counted by `lease`).
     pub async fn inspect(
         &self,
         user: &UserId,
         run_id: &RunId,
-    ) -> Result<Option<RemoteRun>, Unavailable> {
+        lease: InspectLease,
+    ) -> Result<Option<RunView>, Unavailable> {
         let keys = UserKeys::new(user);
         let mut conn = self.conn.clone();
         let record: HashMap<String, String> = redis::cmd("HGETALL")
@@ -581,7 +571,8 @@ impl RedisLink {
             _ => (Vec::new(), false),
         };
         let status = record.get("status").and_then(|s| parse_status(s));
-        Ok(Some(RemoteRun {
+        Ok(Some(RunView {
+            run_id: run_id.clone(),
             agent: record.get("agent").cloned().unwrap_or_default(),
             thread_id: record
                 .get("thread")
@@ -592,6 +583,7 @@ impl RedisLink {
             ended_at: num("ended").map(|us| UNIX_EPOCH + Duration::from_micros(us)),
             events,
             truncated,
+            lease,
         }))
     }
 }

@@ -388,18 +388,8 @@ impl ConnectionRegistry {
         let lease = InspectLease::new(msg.user.clone(), ctx.address().recipient());
         Box::pin(actix::fut::wrap_future(async move {
             let run_id: RunId = msg.run_id.as_str().into();
-            match link.inspect(&msg.user, &run_id).await {
-                Ok(Some(run)) => Ok(RunView {
-                    run_id,
-                    agent: run.agent,
-                    thread_id: run.thread_id,
-                    status: run.status,
-                    started_at: run.started_at,
-                    ended_at: run.ended_at,
-                    events: run.events,
-                    truncated: run.truncated,
-                    lease,
-                }),
+            match link.inspect(&msg.user, &run_id, lease).await {
+                Ok(Some(view)) => Ok(view),
                 Ok(None) => Err(InspectRefused::NotFound),
                 Err(e) => {
                     log::warn!("run view of {run_id}: {e}");
