@@ -175,6 +175,8 @@ pub enum ResumeRefused {
     InProgress,
     /// The history is on the shared log (Redis), which is unreachable.
     Unavailable,
+    /// This many reads of the user's history from the shared log are already on their way.
+    Busy(usize),
 }
 
 /// Stop: no new runs; running runs get `drain` to finish and are then cancelled; then every

@@ -365,6 +365,15 @@ impl Session {
                                 ErrorCode::Unavailable,
                                 "the event store is unreachable; try again later",
                             ),
+                            Ok(Err(ResumeRefused::Busy(limit))) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::RateLimited,
+                                &format!(
+                                    "{limit} replays of this user's history are being read; \
+                                     try again when one has ended"
+                                ),
+                            ),
                             Err(_) => act.refuse(
                                 ctx,
                                 rid,

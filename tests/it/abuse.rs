@@ -23,7 +23,7 @@
 //! server's RSS or fds, and each time bound here leaves a second or more over what the server
 //! takes, which their CPU use does not eat (checked with 2 and 4 test threads on 2 cores).
 
-mod harness;
+pub(crate) mod harness;
 
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ const SLOW: &str = "agentcast_slow_consumer_closes_total";
 /// One abuse test at a time even under the default parallel test runner: each measures a
 /// server's memory and timing, which a neighbour's attack would distort. (A tokio mutex: it
 /// works across the tests' runtimes and a failed test does not poison it.)
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()

@@ -63,9 +63,13 @@ if type(added) == 'table' and added.err then
   seq = 1
   redis.call('XADD', log, '1-0', 'r', ARGV[2], 'k', ARGV[3], 't', ARGV[4], 'b', ARGV[5])
 end
--- The stream's bytes, as the budget counts them, live in the meta hash; a new (or expired)
--- stream holds only this entry.
-local cost = string.len(ARGV[5]) + 96
+-- The stream's bytes live in the meta hash, counted as a node's window counts the same
+-- frame (its text, `{"type":"K","seq":N,` and the tail's body, plus 96), so that what the
+-- stream keeps fits a window; a new (or expired) stream holds only this entry.
+local function frame_cost(tail, kind, n)
+  return string.len(tail) + string.len(kind) + string.len(tostring(n)) + 17 + 96
+end
+local cost = frame_cost(ARGV[5], ARGV[3], seq)
 local len = redis.call('XLEN', log)
 local bytes = cost
 if len > 1 then bytes = tonumber(m[3] or '0') + cost end
@@ -73,11 +77,11 @@ local maxlen, maxbytes = tonumber(ARGV[6]), tonumber(ARGV[17])
 while len > 1 and (len > maxlen or bytes > maxbytes) do
   local oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
   if not oldest then break end
-  local c = 96
-  local f = oldest[2]
+  local f, body, k = oldest[2], '', ''
   for i = 1, #f, 2 do
-    if f[i] == 'b' then c = string.len(f[i + 1]) + 96 end
+    if f[i] == 'b' then body = f[i + 1] elseif f[i] == 'k' then k = f[i + 1] end
   end
+  local c = frame_cost(body, k, string.match(oldest[1], '^%d+'))
   redis.call('XDEL', log, oldest[1])
   bytes = bytes - c
   len = len - 1

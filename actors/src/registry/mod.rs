@@ -368,7 +368,7 @@ impl ConnectionRegistry {
                 Some(_) => {
                     e.idle_since.is_none()
                         || e.follow.asked
-                        || e.follow.joining > 0
+                        || e.follow.reading > 0
                         || e.inspecting > 0
                 }
             };

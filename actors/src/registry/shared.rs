@@ -28,6 +28,9 @@ use super::event_log::{Appended, EventLog, LogBudget, NewEvent, UserLog};
 use super::window::Early;
 use super::ConnectionRegistry;
 
+/// Reads of one user's history from Redis (resumes older than the window) on their way at
+/// once: each holds up to `--replay-user-max-bytes`.
+pub const READS_PER_USER: usize = 2;
 /// How often every followed user is checked against the meta hashes.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
 
@@ -57,8 +60,9 @@ pub struct Following {
     pub early: Early,
     /// A read of the stream to fill a gap is under way.
     pub repairing: bool,
-    /// Connects reading older history before they join.
-    pub joining: usize,
+    /// Reads of the user's history from the stream on their way (resumes at connect and by
+    /// command): at most [`READS_PER_USER`].
+    pub reading: usize,
     /// A new epoch is being started on Redis (seqs were given out again): connects wait.
     pub renewing: bool,
 }
@@ -195,12 +199,11 @@ impl ConnectionRegistry {
             .resume
             .as_ref()
             .and_then(|r| self.missing(&msg.user, r.after_seq, u64::MAX, r.epoch.as_deref()));
-        let (Some((from, to)), Some(shared)) = (missing, self.shared.as_ref()) else {
+        let Some((from, to)) = missing else {
             return Box::pin(actix::fut::ready(self.join(msg, ctx)));
         };
-        let link = shared.link.clone();
         let limit = self.settings.max_connections_per_user;
-        let Some(entry) = self.users.get_mut(&msg.user) else {
+        let Some(entry) = self.users.get(&msg.user) else {
             return Box::pin(actix::fut::ready(self.join(msg, ctx)));
         };
         // Refused before reading anything for it, not after.
@@ -209,29 +212,18 @@ impl ConnectionRegistry {
                 limit,
             ))));
         }
-        // Keeps the user followed (the sweep leaves it) while the read is on its way.
-        entry.follow.joining += 1;
-        let user = msg.user.clone();
-        Box::pin(
-            actix::fut::wrap_future(
-                async move { link.read(&user, from, to, ReadEnd::Newest).await },
-            )
-            .map(move |read, act: &mut Self, ctx| {
-                if let Some(entry) = act.users.get_mut(&msg.user) {
-                    entry.follow.joining -= 1;
-                }
-                match read {
-                    Ok(read) => {
-                        act.fill(&msg.user, to, read);
-                        act.join(msg, ctx)
-                    }
-                    Err(e) => {
-                        log::warn!("resume of user {}: {e}", msg.user);
-                        Err(ConnectRefused::Unavailable)
-                    }
-                }
-            }),
-        )
+        let Some(read) = self.read_back(&msg.user, from, to) else {
+            // As many reads of this user's history as one user may have are on their way:
+            // 1013, try again.
+            return Box::pin(actix::fut::ready(Err(ConnectRefused::Unavailable)));
+        };
+        Box::pin(read.map(move |read, act: &mut Self, ctx| match read {
+            Ok(()) => act.join(msg, ctx),
+            Err(e) => {
+                log::warn!("resume of user {}: {e}", msg.user);
+                Err(ConnectRefused::Unavailable)
+            }
+        }))
     }
 
     /// `Resume` on a shared log: what the window lacks is read back from the stream first.
@@ -241,28 +233,50 @@ impl ConnectionRegistry {
         ctx: &mut Context<Self>,
     ) -> Answer<Result<(), ResumeRefused>> {
         let missing = self.missing(&msg.user, msg.after_seq, msg.upto, msg.epoch.as_deref());
-        match (missing, self.shared.as_ref()) {
-            (Some((from, to)), Some(shared)) => {
-                let link = shared.link.clone();
-                let user = msg.user.clone();
-                Box::pin(
-                    actix::fut::wrap_future(async move {
-                        link.read(&user, from, to, ReadEnd::Newest).await
-                    })
-                    .map(move |read, act: &mut Self, ctx| match read {
-                        Ok(read) => {
-                            act.fill(&msg.user, to, read);
-                            act.resume(msg, ctx)
-                        }
-                        Err(e) => {
-                            log::warn!("resume of user {}: {e}", msg.user);
-                            Err(ResumeRefused::Unavailable)
-                        }
-                    }),
-                )
+        let Some((from, to)) = missing else {
+            return Box::pin(actix::fut::ready(self.resume(msg, ctx)));
+        };
+        let Some(read) = self.read_back(&msg.user, from, to) else {
+            return Box::pin(actix::fut::ready(Err(ResumeRefused::Busy(READS_PER_USER))));
+        };
+        Box::pin(read.map(move |read, act: &mut Self, ctx| match read {
+            Ok(()) => act.resume(msg, ctx),
+            Err(e) => {
+                log::warn!("resume of user {}: {e}", msg.user);
+                Err(ResumeRefused::Unavailable)
             }
-            _ => Box::pin(actix::fut::ready(self.resume(msg, ctx))),
+        }))
+    }
+
+    /// Reads `from..=to` of the user's history back from the stream into the window (up to
+    /// the window's bytes), at most [`READS_PER_USER`] at once per user: what one user's
+    /// resumes make a node hold is that many histories, however many connections it opens.
+    /// `None` when that many are on their way. Meanwhile the user stays followed.
+    fn read_back(
+        &mut self,
+        user: &UserId,
+        from: u64,
+        to: u64,
+    ) -> Option<Answer<Result<(), Unavailable>>> {
+        let link = self.shared.as_ref()?.link.clone();
+        let entry = self.users.get_mut(user)?;
+        if entry.follow.reading >= READS_PER_USER {
+            return None;
         }
+        entry.follow.reading += 1;
+        let user = user.clone();
+        Some(Box::pin(
+            actix::fut::wrap_future({
+                let user = user.clone();
+                async move { link.read(&user, from, to, ReadEnd::Newest).await }
+            })
+            .map(move |read, act: &mut Self, _| {
+                if let Some(entry) = act.users.get_mut(&user) {
+                    entry.follow.reading -= 1;
+                }
+                read.map(|read| act.fill(&user, to, read))
+            }),
+        ))
     }
 
     /// The seqs a resume from `after_seq` (up to `upto`) needs that the window does not hold.
