@@ -76,6 +76,15 @@ pub struct Config {
     #[arg(long, env = "AGENTCAST_RUN_TIMEOUT_MS", default_value_t = 300_000)]
     pub run_timeout_ms: u64,
 
+    /// A question a run asks its user (PROTOCOL.md §12) expires, unanswered, after this long.
+    /// Time spent waiting for an answer does not count toward `--run-timeout-ms`.
+    #[arg(
+        long,
+        env = "AGENTCAST_INTERRUPT_TIMEOUT_MS",
+        default_value_t = 600_000
+    )]
+    pub interrupt_timeout_ms: u64,
+
     /// Runs one user may have running at once.
     #[arg(long, env = "AGENTCAST_MAX_RUNS_PER_USER", default_value_t = 16)]
     pub max_runs_per_user: usize,
@@ -200,6 +209,7 @@ impl Default for Config {
             jwt_issuer: None,
             jwt_audience: None,
             run_timeout_ms: 300_000,
+            interrupt_timeout_ms: 600_000,
             max_runs_per_user: 16,
             replay_capacity: 10_000,
             replay_ttl_secs: 600,
@@ -238,6 +248,7 @@ impl std::fmt::Debug for Config {
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
             .field("run_timeout_ms", &self.run_timeout_ms)
+            .field("interrupt_timeout_ms", &self.interrupt_timeout_ms)
             .field("max_runs_per_user", &self.max_runs_per_user)
             .field("replay_capacity", &self.replay_capacity)
             .field("replay_user_max_bytes", &self.replay_user_max_bytes)
@@ -384,6 +395,7 @@ impl Config {
         }
         for (name, v) in [
             ("run-timeout-ms", self.run_timeout_ms),
+            ("interrupt-timeout-ms", self.interrupt_timeout_ms),
             ("node-timeout-ms", self.node_timeout_ms),
             ("redis-max-pending", self.redis_max_pending as u64),
             ("max-runs-per-user", self.max_runs_per_user as u64),
@@ -483,6 +495,10 @@ impl Config {
 
     pub fn run_timeout(&self) -> Duration {
         Duration::from_millis(self.run_timeout_ms)
+    }
+
+    pub fn interrupt_timeout(&self) -> Duration {
+        Duration::from_millis(self.interrupt_timeout_ms)
     }
 }
 

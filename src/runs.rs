@@ -6,9 +6,10 @@
 use actix_web::http::StatusCode;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
+use agentcast_actors::protocol::ErrorCode;
 use agentcast_actors::protocol::{parse_client_frame, Command};
 use agentcast_actors::router::{
-    CancelRefused, CancelRun, InspectRefused, InspectRun, StartRefused, StartRun,
+    CancelRefused, CancelRun, InspectRefused, InspectRun, Respond, StartRefused, StartRun,
 };
 use serde_json::{json, Value};
 
@@ -17,7 +18,8 @@ use crate::routes::{authenticate, error, AppState};
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/runs", web::post().to(start))
         .route("/v1/runs/{run_id}", web::get().to(inspect))
-        .route("/v1/runs/{run_id}/cancel", web::post().to(cancel));
+        .route("/v1/runs/{run_id}/cancel", web::post().to(cancel))
+        .route("/v1/runs/{run_id}/respond", web::post().to(respond));
 }
 
 fn unavailable() -> HttpResponse {
@@ -41,49 +43,62 @@ fn not_found() -> HttpResponse {
     error(StatusCode::NOT_FOUND, "run_not_found", "no such run")
 }
 
+/// Reads a body as the WebSocket command `kind` (with `run_id` from the path), through the same
+/// parser, so both refuse the same things with the same codes.
+fn command_from_body(
+    body: &[u8],
+    kind: &str,
+    run_id: Option<&str>,
+) -> Result<Command, Box<HttpResponse>> {
+    let mut frame = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(obj)) => obj,
+        Ok(_) => {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                "the body must be a JSON object",
+            )))
+        }
+        Err(e) => {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                &format!("not valid JSON: {e}"),
+            )))
+        }
+    };
+    frame.insert("type".into(), json!(kind));
+    frame.remove("request_id");
+    if let Some(run_id) = run_id {
+        frame.insert("run_id".into(), json!(run_id));
+    }
+    match parse_client_frame(&Value::Object(frame).to_string()) {
+        Ok(parsed) => Ok(parsed.command),
+        Err(refusal) => {
+            let code = serde_json::to_value(refusal.code).unwrap_or(Value::Null);
+            Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                code.as_str().unwrap_or("invalid_field"),
+                &refusal.message,
+            )))
+        }
+    }
+}
+
 /// `POST /v1/runs` `{agent, input, thread_id?}` → 202 `{run_id}`.
 async fn start(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let user = match authenticate(&req, &state, None) {
         Ok(user) => user,
         Err(refusal) => return *refusal,
     };
-    // The same parser as the WebSocket's start_run, so both refuse the same things.
-    let mut frame = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(obj)) => obj,
-        Ok(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                "the body must be a JSON object",
-            )
-        }
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                &format!("not valid JSON: {e}"),
-            )
-        }
-    };
-    frame.insert("type".into(), json!("start_run"));
-    frame.remove("request_id");
-    let (agent, input, thread_id) = match parse_client_frame(&Value::Object(frame).to_string()) {
-        Ok(parsed) => match parsed.command {
-            Command::StartRun {
-                agent,
-                input,
-                thread_id,
-            } => (agent, input, thread_id),
-            _ => return error(StatusCode::BAD_REQUEST, "invalid_field", "not a run"),
-        },
-        Err(refusal) => {
-            let code = serde_json::to_value(refusal.code).unwrap_or(Value::Null);
-            return error(
-                StatusCode::BAD_REQUEST,
-                code.as_str().unwrap_or("invalid_field"),
-                &refusal.message,
-            );
-        }
+    let (agent, input, thread_id) = match command_from_body(&body, "start_run", None) {
+        Ok(Command::StartRun {
+            agent,
+            input,
+            thread_id,
+        }) => (agent, input, thread_id),
+        Ok(_) => return error(StatusCode::BAD_REQUEST, "invalid_field", "not a run"),
+        Err(refusal) => return *refusal,
     };
     let ask = StartRun {
         user: user.into(),
@@ -218,6 +233,53 @@ async fn cancel(
         Ok(Ok(())) => HttpResponse::Accepted().json(json!({ "run_id": run_id })),
         Ok(Err(CancelRefused::NotFound)) => not_found(),
         Ok(Err(CancelRefused::Unavailable)) => store_unavailable(),
+        Err(_) => unavailable(),
+    }
+}
+
+/// `POST /v1/runs/{run_id}/respond` `{interrupt_id, response}`: as `respond` (section 12).
+/// 202, or 400 `invalid_field`, 409 `interrupt_resolved`, 404 `run_not_found`.
+async fn respond(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: Bytes,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let user = match authenticate(&req, &state, None) {
+        Ok(user) => user,
+        Err(refusal) => return *refusal,
+    };
+    let run_id = path.into_inner();
+    let (interrupt_id, response) = match command_from_body(&body, "respond", Some(&run_id)) {
+        Ok(Command::Respond {
+            interrupt_id,
+            response,
+            ..
+        }) => (interrupt_id, response),
+        Ok(_) => return error(StatusCode::BAD_REQUEST, "invalid_field", "not an answer"),
+        Err(refusal) => return *refusal,
+    };
+    let ask = Respond {
+        user: user.into(),
+        run_id: run_id.clone(),
+        interrupt_id: interrupt_id.clone(),
+        response,
+    };
+    match state.router.respond.send(ask).await {
+        Ok(Ok(())) => {
+            HttpResponse::Accepted().json(json!({ "run_id": run_id, "interrupt_id": interrupt_id }))
+        }
+        Ok(Err(refused)) => {
+            let (code, message) = refused.code_and_message();
+            let status = match code {
+                ErrorCode::RunNotFound => StatusCode::NOT_FOUND,
+                ErrorCode::InterruptResolved => StatusCode::CONFLICT,
+                ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            let code = serde_json::to_value(code).unwrap_or(Value::Null);
+            error(status, code.as_str().unwrap_or("internal"), &message)
+        }
         Err(_) => unavailable(),
     }
 }

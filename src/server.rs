@@ -83,6 +83,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
         replay_max_bytes: config.replay_max_bytes,
         max_runs_per_user: config.max_runs_per_user,
         run_timeout: config.run_timeout(),
+        interrupt_timeout: config.interrupt_timeout(),
         slow_consumer_grace: Duration::from_millis(config.slow_consumer_grace_ms),
         shutdown_wait: Duration::from_secs(10),
         runs_per_minute: config.runs_per_minute,
@@ -106,7 +107,9 @@ pub async fn start(config: Config) -> io::Result<Started> {
                 log_capacity: config.replay_capacity,
                 log_max_bytes: config.replay_user_max_bytes,
                 log_ttl: Duration::from_secs(config.replay_ttl_secs),
-                run_timeout: config.run_timeout(),
+                // A run's record must outlive the longest quiet spell between two of its
+                // events: its running time, or one question waiting to expire.
+                run_timeout: config.run_timeout() + config.interrupt_timeout(),
                 max_pending: config.redis_max_pending,
             };
             ConnectionRegistry::start_shared(

@@ -12,10 +12,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use actix::Addr;
+
 use crate::catalog::Toolbox;
 use crate::emitter::Emitter;
-use crate::event::EventData;
+use crate::event::{EventData, InterruptKind};
 use crate::executor::Execute;
+use crate::interrupt::{self, Approval, ApprovedCall, Ask};
+use crate::run::AgentRunActor;
 use crate::tool::ToolError;
 
 /// Why an agent gave up: becomes `agent_completed` with status `failed` and this as `error`.
@@ -58,19 +62,30 @@ pub trait Agent: Send + Sync + 'static {
     async fn run(self: Arc<Self>, run: AgentRun, input: Value) -> Result<Value, AgentError>;
 }
 
-/// An agent's handle on its run: emit what it thinks and says, call tools.
+/// An agent's handle on its run: emit what it thinks and says, call tools, ask its user.
 pub struct AgentRun {
     emitter: Emitter,
     tools: Arc<Toolbox>,
+    /// Tool calls numbered so far (approvals reserve a number too)...
+    numbered: AtomicU64,
+    /// ... and run: the run's `usage.tool_calls`.
     calls: Arc<AtomicU64>,
+    actor: Addr<AgentRunActor>,
 }
 
 impl AgentRun {
-    pub(crate) fn new(emitter: Emitter, tools: Arc<Toolbox>, calls: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(
+        emitter: Emitter,
+        tools: Arc<Toolbox>,
+        calls: Arc<AtomicU64>,
+        actor: Addr<AgentRunActor>,
+    ) -> Self {
         AgentRun {
             emitter,
             tools,
+            numbered: AtomicU64::new(0),
             calls,
+            actor,
         }
     }
 
@@ -99,15 +114,103 @@ impl AgentRun {
     /// Calls a tool. Its executor emits `tool_executing`, any `tool_progress` and
     /// `tool_completed`; a failing or panicking tool comes back as `Err`, and the run goes on.
     pub async fn tool(&self, name: &str, args: Value) -> Result<Value, ToolError> {
-        let Some(executor) = self.tools.executor(name) else {
-            return Err(ToolError::new(
-                "unknown_tool",
-                format!("no tool named {name:?}"),
-            ));
+        if !self.tools.contains(name) {
+            return Err(unknown_tool(name));
+        }
+        let call_id = self.next_call_id();
+        self.call(name, call_id, args).await
+    }
+
+    /// Asks the user for input (PROTOCOL.md §12) and waits, costing nothing, until a tab
+    /// answers: `input_requested`, then `input_received` when it is settled. With a JSON
+    /// Schema, only an answer that fits it is taken. `Ok(None)` when no one answered before
+    /// `--interrupt-timeout-ms`. Time spent waiting does not count toward the run timeout.
+    /// An invalid schema is an error (code `invalid_schema`), and nothing is asked.
+    pub async fn ask(
+        &self,
+        message: impl Into<String>,
+        schema: Option<Value>,
+    ) -> Result<Option<Value>, AgentError> {
+        let schema = match schema {
+            Some(schema) => {
+                let validator = interrupt::compile(&schema).map_err(|e| AgentError {
+                    code: "invalid_schema".into(),
+                    message: e,
+                })?;
+                Some((schema, validator))
+            }
+            None => None,
         };
-        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(self
+            .question(Ask {
+                kind: InterruptKind::Input,
+                message: message.into(),
+                tool_call_id: None,
+                tool: None,
+                args: None,
+                schema,
+            })
+            .await)
+    }
+
+    /// Asks the user to approve a call of `tool` with `args` before it runs, and waits. An
+    /// approved call may come back with the user's arguments; run it with
+    /// [`call_approved`](Self::call_approved). A denied or expired one runs nothing and sends
+    /// no tool events: what to do next is the agent's choice. `message` is shown to the user;
+    /// without one the server words one.
+    pub async fn approve(&self, tool: &str, args: Value, message: Option<String>) -> Approval {
+        let call_id = self.next_call_id();
+        let message = message.unwrap_or_else(|| format!("Allow the {tool} tool to run?"));
+        let answer = self
+            .question(Ask {
+                kind: InterruptKind::Approval,
+                message,
+                tool_call_id: Some(call_id.clone()),
+                tool: Some(tool.to_string()),
+                args: Some(args.clone()),
+                schema: None,
+            })
+            .await;
+        let Some(answer) = answer else {
+            return Approval::Expired;
+        };
+        // The run's actor took only a well-formed answer.
+        match interrupt::check_approval(&answer) {
+            Ok((true, new_args)) => Approval::Approved(ApprovedCall {
+                tool: tool.to_string(),
+                call_id,
+                args: new_args.unwrap_or(args),
+            }),
+            Ok((false, _)) | Err(_) => Approval::Denied,
+        }
+    }
+
+    /// Runs a call the user approved, under the `tool_call_id` its question named.
+    pub async fn call_approved(&self, call: ApprovedCall) -> Result<Value, ToolError> {
+        self.call(&call.tool, call.call_id, call.args).await
+    }
+
+    /// Sends the run's actor a question and waits for how it is settled.
+    async fn question(&self, ask: Ask) -> Option<Value> {
+        match self.actor.send(ask).await {
+            Ok(Some((_, answer))) => answer.await.ok().flatten(),
+            // The run is ending: the agent's future is about to be dropped.
+            Ok(None) | Err(_) => None,
+        }
+    }
+
+    fn next_call_id(&self) -> String {
+        let n = self.numbered.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("tc_{n}")
+    }
+
+    async fn call(&self, name: &str, call_id: String, args: Value) -> Result<Value, ToolError> {
+        let Some(executor) = self.tools.executor(name) else {
+            return Err(unknown_tool(name));
+        };
+        self.calls.fetch_add(1, Ordering::Relaxed);
         let call = Execute {
-            call_id: format!("tc_{n}"),
+            call_id,
             args,
             emitter: self.emitter.clone(),
         };
@@ -119,4 +222,8 @@ impl AgentRun {
             )),
         }
     }
+}
+
+fn unknown_tool(name: &str) -> ToolError {
+    ToolError::new("unknown_tool", format!("no tool named {name:?}"))
 }

@@ -88,6 +88,43 @@ pub enum EventData {
         duration_ms: u64,
         usage: Value,
     },
+    /// The run asks its user (PROTOCOL.md §12): to approve a tool call, or for input.
+    InputRequested {
+        interrupt_id: String,
+        kind: InterruptKind,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool_call_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        args: Option<Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        schema: Option<Value>,
+        /// RFC 3339, like `ts`.
+        expires_at: String,
+    },
+    /// A question was settled: by an answer, or by expiry (`expired`, `response` null).
+    InputReceived {
+        interrupt_id: String,
+        response: Value,
+        expired: bool,
+    },
+}
+
+/// What a question asks for (`input_requested.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterruptKind {
+    /// A yes or no to a tool call, before its `tool_executing`.
+    Approval,
+    /// An answer, fitting `schema` when there is one.
+    Input,
+}
+
+/// RFC 3339 UTC with microseconds: the form of `ts` and `expires_at`.
+pub fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_micros(at).to_string()
 }
 
 impl EventData {
@@ -106,6 +143,8 @@ impl EventData {
             EventData::ToolProgress { .. } => 4,
             EventData::ToolCompleted { .. } => 5,
             EventData::AgentCompleted { .. } => 6,
+            EventData::InputRequested { .. } => 7,
+            EventData::InputReceived { .. } => 8,
         }
     }
 }
@@ -155,7 +194,7 @@ impl Draft {
         let wire = WireTail {
             run_id,
             thread_id,
-            ts: humantime::format_rfc3339_micros(at).to_string(),
+            ts: rfc3339(at),
             data,
         };
         // Serialising these types cannot fail: every map key is a string and no Serialize impl
@@ -274,7 +313,7 @@ pub fn encode(
         seq,
         run_id,
         thread_id,
-        ts: humantime::format_rfc3339_micros(at).to_string(),
+        ts: rfc3339(at),
         data,
     };
     // Serialising these types cannot fail: every map key is a string and no Serialize impl errors.

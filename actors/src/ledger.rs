@@ -7,6 +7,11 @@
 //! here, in the one place that numbers them, makes the rules hold whatever the timing (a tool
 //! that finishes after its run was cancelled is simply not reported). When the run ends with
 //! calls still open, the ledger closes them with `tool_completed ok:false` first.
+//!
+//! Questions to the user (§12) follow the same pattern: `input_requested` opens one,
+//! `input_received` settles it, and a run that ends with one still open settles it first with
+//! `input_received` `expired: true`. From the moment the run is cancelled, only its end (and
+//! those closing events) gets through.
 
 use std::time::Instant;
 
@@ -18,7 +23,18 @@ use crate::event::{ErrorBody, EventData, RunStatus};
 pub struct RunLedger {
     started: bool,
     completed: bool,
+    /// Set when the run was told to stop: nothing but its `agent_completed` is admitted.
+    cancelling: bool,
     open_calls: Vec<(String, String, Instant)>,
+    /// Every question the run asked, and whether it is still open.
+    questions: Vec<(String, bool)>,
+}
+
+/// Where one of a run's questions stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Question {
+    Open,
+    Settled,
 }
 
 /// Why an event was not delivered.
@@ -29,11 +45,36 @@ pub enum Refused {
     Completed,
     DuplicateCall,
     CallNotOpen,
+    /// The run is being cancelled: only its end gets through.
+    Cancelling,
+    /// An `input_requested` with an `interrupt_id` the run already used.
+    DuplicateQuestion,
+    /// An `input_received` for a question that is not open.
+    QuestionNotOpen,
 }
 
 impl RunLedger {
     pub fn is_completed(&self) -> bool {
         self.completed
+    }
+
+    /// The run was told to stop: from now on only its `agent_completed` is admitted.
+    pub fn cancel(&mut self) {
+        self.cancelling = true;
+    }
+
+    /// Whether the run asked `interrupt_id`, and if it is still open.
+    pub fn question(&self, interrupt_id: &str) -> Option<Question> {
+        self.questions
+            .iter()
+            .find(|(id, _)| id == interrupt_id)
+            .map(|(_, open)| {
+                if *open {
+                    Question::Open
+                } else {
+                    Question::Settled
+                }
+            })
     }
 
     /// Checks `data` against the run's history. `Ok` holds the events to deliver first
@@ -51,6 +92,9 @@ impl RunLedger {
         }
         if !self.started {
             return Err(Refused::NotStarted);
+        }
+        if self.cancelling && !matches!(data, EventData::AgentCompleted { .. }) {
+            return Err(Refused::Cancelling);
         }
         match data {
             EventData::ToolExecuting {
@@ -79,6 +123,28 @@ impl RunLedger {
                     None => return Err(Refused::CallNotOpen),
                 }
             }
+            EventData::InputRequested {
+                interrupt_id,
+                tool_call_id,
+                ..
+            } => {
+                if self.question(interrupt_id).is_some() {
+                    return Err(Refused::DuplicateQuestion);
+                }
+                // An approval comes before its call's `tool_executing`.
+                if let Some(call) = tool_call_id {
+                    if self.open_calls.iter().any(|(id, _, _)| id == call) {
+                        return Err(Refused::DuplicateCall);
+                    }
+                }
+                self.questions.push((interrupt_id.clone(), true));
+            }
+            EventData::InputReceived { interrupt_id, .. } => {
+                match self.questions.iter_mut().find(|(id, _)| id == interrupt_id) {
+                    Some((_, open)) if *open => *open = false,
+                    _ => return Err(Refused::QuestionNotOpen),
+                }
+            }
             EventData::AgentCompleted { status, error, .. } => {
                 self.completed = true;
                 let code = match (status, error) {
@@ -90,23 +156,41 @@ impl RunLedger {
                     (RunStatus::Failed, Some(e)) => e.code.clone(),
                     (RunStatus::Failed, None) => "agent_failed".to_string(),
                 };
-                return Ok(self
-                    .open_calls
-                    .drain(..)
-                    .map(|(tool_call_id, tool, since)| EventData::ToolCompleted {
-                        tool_call_id,
-                        tool,
-                        ok: false,
-                        result: Value::Null,
-                        error: Some(ErrorBody::new(
-                            code.clone(),
-                            format!(
-                                "the run ended ({}) before the tool call finished",
-                                status.as_str()
-                            ),
-                        )),
-                        duration_ms: now.saturating_duration_since(since).as_millis() as u64,
+                // Open questions are settled first: expired, as no answer can come any more.
+                let expired = self
+                    .questions
+                    .iter_mut()
+                    .filter(|(_, open)| *open)
+                    .map(|(id, open)| {
+                        *open = false;
+                        EventData::InputReceived {
+                            interrupt_id: id.clone(),
+                            response: Value::Null,
+                            expired: true,
+                        }
                     })
+                    .collect::<Vec<_>>();
+                return Ok(expired
+                    .into_iter()
+                    .chain(
+                        self.open_calls
+                            .drain(..)
+                            .map(|(tool_call_id, tool, since)| EventData::ToolCompleted {
+                                tool_call_id,
+                                tool,
+                                ok: false,
+                                result: Value::Null,
+                                error: Some(ErrorBody::new(
+                                    code.clone(),
+                                    format!(
+                                        "the run ended ({}) before the tool call finished",
+                                        status.as_str()
+                                    ),
+                                )),
+                                duration_ms: now.saturating_duration_since(since).as_millis()
+                                    as u64,
+                            }),
+                    )
                     .collect());
             }
             EventData::AgentStarted { .. }
@@ -236,6 +320,111 @@ mod tests {
             l.admit(&end(RunStatus::Succeeded, None), now),
             Err(Refused::Completed)
         );
+    }
+
+    fn ask(id: &str, call: Option<&str>) -> EventData {
+        EventData::InputRequested {
+            interrupt_id: id.into(),
+            kind: crate::event::InterruptKind::Input,
+            message: "?".into(),
+            tool_call_id: call.map(str::to_string),
+            tool: None,
+            args: None,
+            schema: None,
+            expires_at: "2026-01-01T00:00:00.000000Z".into(),
+        }
+    }
+    fn answered(id: &str) -> EventData {
+        EventData::InputReceived {
+            interrupt_id: id.into(),
+            response: json!(1),
+            expired: false,
+        }
+    }
+
+    #[test]
+    fn a_question_is_asked_once_and_settled_once() {
+        let mut l = RunLedger::default();
+        let now = Instant::now();
+        l.admit(&started(), now).unwrap();
+        assert_eq!(
+            l.admit(&answered("in_1"), now),
+            Err(Refused::QuestionNotOpen)
+        );
+        assert_eq!(l.question("in_1"), None);
+        l.admit(&ask("in_1", None), now).unwrap();
+        assert_eq!(l.question("in_1"), Some(Question::Open));
+        assert_eq!(
+            l.admit(&ask("in_1", None), now),
+            Err(Refused::DuplicateQuestion)
+        );
+        l.admit(&answered("in_1"), now).unwrap();
+        assert_eq!(l.question("in_1"), Some(Question::Settled));
+        assert_eq!(
+            l.admit(&answered("in_1"), now),
+            Err(Refused::QuestionNotOpen)
+        );
+        assert_eq!(
+            l.admit(&ask("in_1", None), now),
+            Err(Refused::DuplicateQuestion)
+        );
+    }
+
+    #[test]
+    fn an_approval_comes_before_its_call() {
+        let mut l = RunLedger::default();
+        let now = Instant::now();
+        l.admit(&started(), now).unwrap();
+        l.admit(&exec("tc_1"), now).unwrap();
+        assert_eq!(
+            l.admit(&ask("in_1", Some("tc_1")), now),
+            Err(Refused::DuplicateCall)
+        );
+        l.admit(&ask("in_2", Some("tc_2")), now).unwrap();
+    }
+
+    #[test]
+    fn the_end_expires_open_questions_before_closing_calls() {
+        let mut l = RunLedger::default();
+        let now = Instant::now();
+        l.admit(&started(), now).unwrap();
+        l.admit(&exec("tc_1"), now).unwrap();
+        l.admit(&ask("in_1", None), now).unwrap();
+        l.admit(&ask("in_2", None), now).unwrap();
+        l.admit(&answered("in_2"), now).unwrap();
+        let closing = l.admit(&end(RunStatus::Cancelled, None), now).unwrap();
+        assert_eq!(closing.len(), 2, "{closing:?}");
+        assert_eq!(
+            closing[0],
+            EventData::InputReceived {
+                interrupt_id: "in_1".into(),
+                response: Value::Null,
+                expired: true
+            }
+        );
+        assert!(
+            matches!(&closing[1], EventData::ToolCompleted { tool_call_id, ok: false, .. } if tool_call_id == "tc_1")
+        );
+    }
+
+    #[test]
+    fn after_a_cancel_only_the_end_gets_through() {
+        let mut l = RunLedger::default();
+        let now = Instant::now();
+        l.admit(&started(), now).unwrap();
+        l.admit(&exec("tc_1"), now).unwrap();
+        l.cancel();
+        for e in [
+            think(),
+            progress("tc_1"),
+            done("tc_1"),
+            ask("in_1", None),
+            exec("tc_2"),
+        ] {
+            assert_eq!(l.admit(&e, now), Err(Refused::Cancelling), "{e:?}");
+        }
+        let closing = l.admit(&end(RunStatus::Cancelled, None), now).unwrap();
+        assert_eq!(closing.len(), 1);
     }
 
     #[test]

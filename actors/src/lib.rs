@@ -19,6 +19,7 @@ pub mod event;
 pub mod executor;
 pub mod frame_limit;
 pub mod ids;
+pub mod interrupt;
 pub mod ledger;
 pub mod metrics;
 mod panic;
@@ -35,6 +36,7 @@ pub mod tool;
 pub mod tools;
 
 pub use agent::{Agent, AgentError, AgentRun};
+pub use interrupt::{Approval, ApprovedCall};
 pub use tool::{Tool, ToolCall, ToolError};
 
 /// `docs/writing-agents.md`, compiled and run as a doc test so its example stays true.

@@ -10,7 +10,7 @@ use prometheus::{
 use crate::event::EventData;
 
 /// The event types, in the order of [`EventData::kind_index`].
-pub const EVENT_TYPES: [&str; 7] = [
+pub const EVENT_TYPES: [&str; 9] = [
     "agent_started",
     "agent_thinking",
     "partial_result",
@@ -18,6 +18,8 @@ pub const EVENT_TYPES: [&str; 7] = [
     "tool_progress",
     "tool_completed",
     "agent_completed",
+    "input_requested",
+    "input_received",
 ];
 
 pub struct Metrics {

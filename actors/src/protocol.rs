@@ -27,6 +27,8 @@ pub enum ErrorCode {
     Internal,
     /// A store the server needs (Redis, section 10) is unreachable: try again later.
     Unavailable,
+    /// The question was already settled, by another answer or by expiry (section 12).
+    InterruptResolved,
 }
 
 /// What a client asked for.
@@ -43,6 +45,12 @@ pub enum Command {
     Resume {
         after_seq: u64,
         epoch: Option<String>,
+    },
+    /// Answers a run's question (section 12).
+    Respond {
+        run_id: String,
+        interrupt_id: String,
+        response: Value,
     },
     Ping,
 }
@@ -146,6 +154,15 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
         }
         "cancel_run" => Command::CancelRun {
             run_id: string_field(&obj, "run_id").map_err(|m| refuse(ErrorCode::InvalidField, m))?,
+        },
+        "respond" => Command::Respond {
+            run_id: string_field(&obj, "run_id").map_err(|m| refuse(ErrorCode::InvalidField, m))?,
+            interrupt_id: string_field(&obj, "interrupt_id")
+                .map_err(|m| refuse(ErrorCode::InvalidField, m))?,
+            response: obj
+                .get("response")
+                .cloned()
+                .ok_or_else(|| refuse(ErrorCode::InvalidField, "missing field response".into()))?,
         },
         "resume" => {
             let after_seq = obj
@@ -303,6 +320,18 @@ mod tests {
                 run_id: "run_1".into()
             }
         );
+        assert_eq!(
+            parse_client_frame(
+                r#"{"type":"respond","run_id":"run_1","interrupt_id":"in_1","response":{"approved":true}}"#
+            )
+            .unwrap()
+            .command,
+            Command::Respond {
+                run_id: "run_1".into(),
+                interrupt_id: "in_1".into(),
+                response: json!({"approved": true})
+            }
+        );
     }
 
     #[test]
@@ -333,6 +362,14 @@ mod tests {
             ErrorCode::InvalidField
         );
         assert_eq!(code(r#"{"type":"cancel_run"}"#), ErrorCode::InvalidField);
+        for respond in [
+            r#"{"type":"respond","interrupt_id":"in_1","response":1}"#,
+            r#"{"type":"respond","run_id":"r","response":1}"#,
+            r#"{"type":"respond","run_id":"r","interrupt_id":"in_1"}"#,
+            r#"{"type":"respond","run_id":"r","interrupt_id":7,"response":1}"#,
+        ] {
+            assert_eq!(code(respond), ErrorCode::InvalidField, "{respond}");
+        }
         assert_eq!(
             code(r#"{"type":"resume","after_seq":-1}"#),
             ErrorCode::InvalidField

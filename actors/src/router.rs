@@ -153,6 +153,54 @@ pub enum CancelRefused {
     Unavailable,
 }
 
+/// An answer to one of `user`'s run's questions (section 12): the `respond` command and
+/// `POST /v1/runs/{run_id}/respond`.
+#[derive(Message)]
+#[rtype(result = "Result<(), RespondRefused>")]
+pub struct Respond {
+    pub user: UserId,
+    pub run_id: String,
+    pub interrupt_id: String,
+    pub response: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RespondRefused {
+    /// No such run for this user (whether or not another user has it).
+    NotFound,
+    /// The run asked no question of that id.
+    UnknownQuestion,
+    /// The question was already settled (`interrupt_resolved`).
+    Resolved,
+    /// The answer does not fit the question (`invalid_field`); it stays open.
+    Invalid(String),
+    /// The run is on another node and the shared log (Redis) is unreachable.
+    Unavailable,
+}
+
+impl RespondRefused {
+    /// The error code and message a client is told (the HTTP status follows the code).
+    pub fn code_and_message(&self) -> (crate::protocol::ErrorCode, String) {
+        use crate::protocol::ErrorCode;
+        match self {
+            RespondRefused::NotFound => (ErrorCode::RunNotFound, "no such run".into()),
+            RespondRefused::UnknownQuestion => (
+                ErrorCode::InvalidField,
+                "the run asked no question with this interrupt_id".into(),
+            ),
+            RespondRefused::Resolved => (
+                ErrorCode::InterruptResolved,
+                "the question was already settled (answered, or expired)".into(),
+            ),
+            RespondRefused::Invalid(why) => (ErrorCode::InvalidField, why.clone()),
+            RespondRefused::Unavailable => (
+                ErrorCode::Unavailable,
+                "the event store is unreachable; try again later".into(),
+            ),
+        }
+    }
+}
+
 /// A `resume` command: replay to session `key` the user's events with
 /// `after_seq < seq <= upto` (the ones from before it joined), alongside its live events, then
 /// `Push::Resumed`. Answered at once with whether the replay could begin.
@@ -295,6 +343,7 @@ pub struct Router {
     pub disconnect: Recipient<Disconnect>,
     pub start_run: Recipient<StartRun>,
     pub cancel_run: Recipient<CancelRun>,
+    pub respond: Recipient<Respond>,
     pub resume: Recipient<Resume>,
     pub emit: Recipient<Emit>,
     pub shutdown: Recipient<Shutdown>,
@@ -310,6 +359,7 @@ impl Router {
             + Handler<Disconnect>
             + Handler<StartRun>
             + Handler<CancelRun>
+            + Handler<Respond>
             + Handler<Resume>
             + Handler<Emit>
             + Handler<Shutdown>
@@ -321,6 +371,7 @@ impl Router {
             disconnect: addr.clone().recipient(),
             start_run: addr.clone().recipient(),
             cancel_run: addr.clone().recipient(),
+            respond: addr.clone().recipient(),
             resume: addr.clone().recipient(),
             emit: addr.clone().recipient(),
             shutdown: addr.clone().recipient(),

@@ -335,6 +335,42 @@ impl Session {
                     }),
                 );
             }
+            Command::Respond {
+                run_id,
+                interrupt_id,
+                response,
+            } => {
+                let ask = self.router.respond.send(Respond {
+                    user: self.user.clone(),
+                    run_id: run_id.clone(),
+                    interrupt_id,
+                    response,
+                });
+                ctx.wait(
+                    actix::fut::wrap_future(ask).map(move |answer, act: &mut Self, ctx| {
+                        let rid = request_id.as_deref();
+                        match answer {
+                            Ok(Ok(())) => act.send(
+                                ctx,
+                                Control::Ack {
+                                    request_id: rid,
+                                    run_id: Some(&run_id),
+                                },
+                            ),
+                            Ok(Err(refused)) => {
+                                let (code, message) = refused.code_and_message();
+                                act.refuse(ctx, rid, code, &message)
+                            }
+                            Err(_) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::Internal,
+                                "the event router is unavailable",
+                            ),
+                        }
+                    }),
+                );
+            }
             Command::Resume { after_seq, epoch } => {
                 // Only what this connection was not sent: the events before it joined.
                 let ask = self.router.resume.send(Resume {

@@ -76,7 +76,7 @@ fn check(input: &Value) {
         match step {
             Step::Think(t) => assert_eq!(obj["think"], json!(t)),
             Step::Text(t) => assert_eq!(obj["text"], json!(t)),
-            Step::Tool { name, args } => {
+            Step::Tool { name, args, .. } => {
                 assert_eq!(obj["tool"], json!(name));
                 assert_eq!(obj.get("args").unwrap_or(&json!({})), args);
                 if unknown.is_none() && !with_toolbox(|t| t.contains(name)) {
@@ -86,6 +86,7 @@ fn check(input: &Value) {
             Step::Sleep(ms) => assert_eq!(obj["sleep_ms"].as_u64(), Some(*ms)),
             Step::Fail(m) => assert_eq!(obj["fail"], json!(m)),
             Step::Panic => assert_eq!(obj["panic"], json!(true)),
+            Step::Ask { message, .. } => assert_eq!(obj["ask"], json!(message)),
         }
     }
     match unknown {

@@ -12,6 +12,7 @@ mod faults;
 mod frames;
 mod http_api;
 mod info;
+mod interrupts;
 mod isolation;
 mod limits;
 mod liveness;

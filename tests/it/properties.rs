@@ -143,6 +143,16 @@ fn encode_frame(frame: &ClientFrame) -> String {
             m.insert("type".into(), json!("cancel_run"));
             m.insert("run_id".into(), json!(run_id));
         }
+        Command::Respond {
+            run_id,
+            interrupt_id,
+            response,
+        } => {
+            m.insert("type".into(), json!("respond"));
+            m.insert("run_id".into(), json!(run_id));
+            m.insert("interrupt_id".into(), json!(interrupt_id));
+            m.insert("response".into(), response.clone());
+        }
         Command::Resume { after_seq, epoch } => {
             m.insert("type".into(), json!("resume"));
             m.insert("after_seq".into(), json!(after_seq));
@@ -304,6 +314,13 @@ fn command() -> impl Strategy<Value = Command> {
                 thread_id
             }),
         any::<String>().prop_map(|run_id| Command::CancelRun { run_id }),
+        (any::<String>(), any::<String>(), json_value()).prop_map(
+            |(run_id, interrupt_id, response)| Command::Respond {
+                run_id,
+                interrupt_id,
+                response
+            }
+        ),
         (any::<u64>(), proptest::option::of(any::<String>()))
             .prop_map(|(after_seq, epoch)| Command::Resume { after_seq, epoch }),
     ]
@@ -668,10 +685,15 @@ fn check_script(input: &Value) -> Result<(), TestCaseError> {
         match step {
             Step::Think(t) => prop_assert_eq!(&obj["think"], &json!(t)),
             Step::Text(t) => prop_assert_eq!(&obj["text"], &json!(t)),
-            Step::Tool { name, args } => {
+            Step::Tool {
+                name,
+                args,
+                approve,
+            } => {
                 prop_assert_eq!(&obj["tool"], &json!(name));
                 let empty = json!({});
                 prop_assert_eq!(obj.get("args").unwrap_or(&empty), args);
+                prop_assert_eq!(obj.get("approve").unwrap_or(&json!(false)), &json!(approve));
                 if unknown.is_none() && !with_toolbox(|t| t.contains(name)) {
                     unknown = Some(name.clone());
                 }
@@ -679,6 +701,10 @@ fn check_script(input: &Value) -> Result<(), TestCaseError> {
             Step::Sleep(ms) => prop_assert_eq!(obj["sleep_ms"].as_u64(), Some(*ms)),
             Step::Fail(m) => prop_assert_eq!(&obj["fail"], &json!(m)),
             Step::Panic => prop_assert_eq!(&obj["panic"], &json!(true)),
+            Step::Ask { message, schema } => {
+                prop_assert_eq!(&obj["ask"], &json!(message));
+                prop_assert_eq!(obj.get("schema").filter(|s| !s.is_null()), schema.as_ref());
+            }
         }
     }
     match unknown {
@@ -700,12 +726,16 @@ fn valid_step() -> impl Strategy<Value = (Value, Step)> {
         any::<String>().prop_map(|t| (json!({ "text": t }), Step::Text(t))),
         (
             proptest::sample::select(TOOLS),
-            proptest::option::of(json_object())
+            proptest::option::of(json_object()),
+            proptest::option::of(any::<bool>())
         )
-            .prop_map(|(name, args)| {
+            .prop_map(|(name, args, approve)| {
                 let mut obj = json!({ "tool": name });
                 if let Some(a) = &args {
                     obj["args"] = Value::Object(a.clone());
+                }
+                if let Some(approve) = approve {
+                    obj["approve"] = json!(approve);
                 }
                 let args = Value::Object(args.unwrap_or_default());
                 (
@@ -713,8 +743,24 @@ fn valid_step() -> impl Strategy<Value = (Value, Step)> {
                     Step::Tool {
                         name: name.into(),
                         args,
+                        approve: approve.unwrap_or(false),
                     },
                 )
+            }),
+        (
+            any::<String>(),
+            proptest::option::of(proptest::sample::select(vec![
+                json!({"type": "integer"}),
+                json!({"type": "object", "required": ["a"]}),
+                json!(true),
+            ]))
+        )
+            .prop_map(|(message, schema)| {
+                let mut obj = json!({ "ask": message });
+                if let Some(s) = &schema {
+                    obj["schema"] = s.clone();
+                }
+                (obj, Step::Ask { message, schema })
             }),
         any::<u64>().prop_map(|ms| (json!({ "sleep_ms": ms }), Step::Sleep(ms))),
         any::<String>().prop_map(|m| (json!({ "fail": m }), Step::Fail(m))),
@@ -728,6 +774,8 @@ fn invalid_step() -> impl Strategy<Value = Value> {
         Just(json!({})),
         Just(json!({"dance": 1})),
         Just(json!({"panic": false})),
+        Just(json!({"ask": "q", "schema": {"type": "nonsense"}})),
+        Just(json!({"tool": "clock", "approve": "yes"})),
         Just(json!("think")),
         Just(json!(null)),
         number().prop_map(|n| json!({ "think": n })),

@@ -2,9 +2,11 @@
 //! shape the event stream exactly (PROTOCOL.md §8).
 //!
 //! Input `{"steps":[...]}`, each step one of `{"think":"..."}`, `{"text":"..."}`,
-//! `{"tool":"NAME","args":{...}}`, `{"sleep_ms":N}`, `{"fail":"message"}`, `{"panic":true}`.
+//! `{"tool":"NAME","args":{...}}`, `{"sleep_ms":N}`, `{"fail":"message"}`, `{"panic":true}`,
+//! and (section 12) `{"ask":"question","schema":{...}}` and `"approve":true` on a tool step.
 //! A failing tool does not stop the script (the agent sees the error and goes on); `fail` and
-//! `panic` end the run. The answer is the last `text`.
+//! `panic` end the run. A denied or expired approval skips its tool; an expired question is an
+//! empty answer. The answer is the last `text`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use serde_json::{json, Value};
 
 use crate::agent::{Agent, AgentError, AgentRun};
 use crate::catalog::Toolbox;
+use crate::interrupt::Approval;
 
 /// One step of a script. Public (with [`parse`]) so the fuzz targets and property tests can
 /// check what the parser accepted, not just that it did not panic.
@@ -21,7 +24,16 @@ use crate::catalog::Toolbox;
 pub enum Step {
     Think(String),
     Text(String),
-    Tool { name: String, args: Value },
+    Tool {
+        name: String,
+        args: Value,
+        /// Ask the user to approve the call first.
+        approve: bool,
+    },
+    Ask {
+        message: String,
+        schema: Option<Value>,
+    },
     Sleep(u64),
     Fail(String),
     Panic,
@@ -57,9 +69,27 @@ fn parse_step(step: &Value) -> Result<Step, String> {
             .get("args")
             .cloned()
             .unwrap_or_else(|| Value::Object(Default::default()));
+        let approve = match obj.get("approve") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err("approve must be true or false".into()),
+        };
         Ok(Step::Tool {
             name: text("tool")?,
             args,
+            approve,
+        })
+    } else if obj.contains_key("ask") {
+        let schema = match obj.get("schema") {
+            None | Some(Value::Null) => None,
+            Some(schema) => {
+                crate::interrupt::compile(schema).map_err(|e| format!("schema is {e}"))?;
+                Some(schema.clone())
+            }
+        };
+        Ok(Step::Ask {
+            message: text("ask")?,
+            schema,
         })
     } else if let Some(ms) = obj.get("sleep_ms") {
         Ok(Step::Sleep(
@@ -71,7 +101,7 @@ fn parse_step(step: &Value) -> Result<Step, String> {
     } else if obj.get("panic") == Some(&Value::Bool(true)) {
         Ok(Step::Panic)
     } else {
-        Err("unknown step: use think, text, tool, sleep_ms, fail or panic".into())
+        Err("unknown step: use think, text, tool, ask, sleep_ms, fail or panic".into())
     }
 }
 
@@ -84,7 +114,7 @@ impl Agent for Scripted {
     }
 
     fn description(&self) -> &'static str {
-        "Runs the steps it is given in order: {\"steps\":[{\"think\":..},{\"text\":..},{\"tool\":NAME,\"args\":{..}},{\"sleep_ms\":N},{\"fail\":..},{\"panic\":true}]}; answers with the last text."
+        "Runs the steps it is given in order: {\"steps\":[{\"think\":..},{\"text\":..},{\"tool\":NAME,\"args\":{..},\"approve\"?:true},{\"ask\":..,\"schema\"?:{..}},{\"sleep_ms\":N},{\"fail\":..},{\"panic\":true}]}; answers with the last text."
     }
 
     fn input_schema(&self) -> Value {
@@ -95,7 +125,8 @@ impl Agent for Scripted {
             "properties": {"steps": {"type": "array", "items": {"oneOf": [
                 text("think"),
                 text("text"),
-                {"type": "object", "required": ["tool"], "properties": {"tool": {"type": "string"}, "args": {"type": "object"}}},
+                {"type": "object", "required": ["tool"], "properties": {"tool": {"type": "string"}, "args": {"type": "object"}, "approve": {"type": "boolean"}}},
+                {"type": "object", "required": ["ask"], "properties": {"ask": {"type": "string"}, "schema": {"type": ["object", "boolean"]}}},
                 {"type": "object", "required": ["sleep_ms"], "properties": {"sleep_ms": {"type": "integer", "minimum": 0}}},
                 text("fail"),
                 {"type": "object", "required": ["panic"], "properties": {"panic": {"const": true}}},
@@ -124,9 +155,26 @@ impl Agent for Scripted {
                     run.partial(t.clone()).await;
                     answer = Value::String(t);
                 }
-                Step::Tool { name, args } => {
-                    // The outcome is in the tool_completed event; a failed call does not end the script.
+                // The outcome is in the tool_completed event; a failed call does not end the script.
+                Step::Tool {
+                    name,
+                    args,
+                    approve: false,
+                } => {
                     let _ = run.tool(&name, args).await;
+                }
+                Step::Tool {
+                    name,
+                    args,
+                    approve: true,
+                } => {
+                    if let Approval::Approved(call) = run.approve(&name, args, None).await {
+                        let _ = run.call_approved(call).await;
+                    }
+                }
+                Step::Ask { message, schema } => {
+                    // The script goes on whatever the answer; an expired question is empty.
+                    let _ = run.ask(message, schema).await?;
                 }
                 Step::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
                 Step::Fail(message) => return Err(AgentError::failed(message)),
@@ -154,7 +202,8 @@ mod tests {
                 Step::Text("b".into()),
                 Step::Tool {
                     name: "clock".into(),
-                    args: json!({})
+                    args: json!({}),
+                    approve: false
                 },
                 Step::Sleep(5),
                 Step::Fail("x".into()),
@@ -173,5 +222,38 @@ mod tests {
         assert!(parse(&json!({"steps": [{"sleep_ms": -1}]})).is_err());
         assert!(parse(&json!({"steps": [{"think": 5}]})).is_err());
         assert!(parse(&json!({"steps": [{"panic": false}]})).is_err());
+        assert!(parse(&json!({"steps": [{"tool": "clock", "approve": 1}]})).is_err());
+        assert!(parse(&json!({"steps": [{"ask": 1}]})).is_err());
+        let e =
+            parse(&json!({"steps": [{"ask": "n?", "schema": {"type": "nonsense"}}]})).unwrap_err();
+        assert!(e.contains("step 0") && e.contains("JSON Schema"), "{e}");
+    }
+
+    #[test]
+    fn parses_questions_and_approvals() {
+        let steps = parse(&json!({"steps":[
+            {"ask":"name?"},
+            {"ask":"n?","schema":{"type":"integer"}},
+            {"tool":"calculator","args":{"expr":"1+1"},"approve":true}
+        ]}))
+        .unwrap();
+        assert_eq!(
+            steps,
+            vec![
+                Step::Ask {
+                    message: "name?".into(),
+                    schema: None
+                },
+                Step::Ask {
+                    message: "n?".into(),
+                    schema: Some(json!({"type":"integer"}))
+                },
+                Step::Tool {
+                    name: "calculator".into(),
+                    args: json!({"expr":"1+1"}),
+                    approve: true
+                },
+            ]
+        );
     }
 }

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::keys::{self, UserKeys};
-use super::{parse_published, LogNews, RedisLink};
+use super::{answers, parse_published, LogNews, RedisLink};
 use crate::ids::UserId;
 
 pub enum Follow {
@@ -89,7 +89,7 @@ pub async fn run(
                         log::warn!("Redis pub/sub: the connection closed; reconnecting");
                         break;
                     };
-                    deliver(&msg, &control, link.node_id(), &news);
+                    deliver(&msg, &control, &link, &news);
                 }
                 follow = follows.recv() => {
                     let Some(follow) = follow else { return };
@@ -137,18 +137,35 @@ pub async fn run(
 }
 
 /// Hands a published message to the registry, without waiting.
-fn deliver(msg: &redis::Msg, control: &str, me: &str, news: &Recipient<LogNews>) {
+fn deliver(msg: &redis::Msg, control: &str, link: &RedisLink, news: &Recipient<LogNews>) {
+    let me: &str = link.node_id();
     let channel = msg.get_channel_name();
     let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) else {
         log::warn!("Redis pub/sub: a message on {channel} is not UTF-8; dropped");
         return;
     };
     let item = if channel == control {
-        match payload.strip_prefix("cancel ") {
+        let (verb, rest) = payload.split_once(' ').unwrap_or((payload, ""));
+        match verb {
             // Not dropped when the registry is busy: nothing would repair a lost cancel.
             // (Rare: each is a user's command, under its connection's rate limit.)
-            Some(run_id) => return news.do_send(LogNews::Cancel(run_id.into())),
-            None => {
+            "cancel" => return news.do_send(LogNews::Cancel(rest.into())),
+            // Likewise an answer to a question; its verdict goes straight to the waiter.
+            "respond" => match answers::parse_forwarded(rest) {
+                Some((node, token, answer)) => {
+                    return news.do_send(LogNews::Respond {
+                        node,
+                        token,
+                        answer,
+                    })
+                }
+                None => {
+                    log::warn!("Redis pub/sub: a malformed answer {rest:?}");
+                    return;
+                }
+            },
+            "reply" => return link.answers.deliver(rest),
+            _ => {
                 log::warn!("Redis pub/sub: unknown control message {payload:?}");
                 return;
             }

@@ -19,6 +19,7 @@
 //! What they learn reaches the registry as [`LogNews`]; queries the registry waits on
 //! (claims, reads, run records) are plain futures on a shared multiplexed connection.
 
+pub mod answers;
 pub mod keys;
 mod listener;
 mod nodes;
@@ -164,6 +165,13 @@ pub enum LogNews {
     Stale(UserId),
     /// Another node asks this one to cancel a run.
     Cancel(RunId),
+    /// Another node forwards an answer to a question of one of this node's runs; the verdict
+    /// goes back to `node` under `token`.
+    Respond {
+        node: String,
+        token: u64,
+        answer: answers::Forwarded,
+    },
     /// A lost node's open runs, for this node to end (and then forget the node's `members`,
     /// its run list as read).
     Orphans {
@@ -217,6 +225,8 @@ pub struct RedisLink {
     appends: mpsc::UnboundedSender<writer::Job>,
     follows: mpsc::UnboundedSender<listener::Follow>,
     up: Arc<AtomicBool>,
+    /// Answers forwarded to other nodes, waiting for their verdict.
+    answers: Arc<answers::Waiting>,
 }
 
 impl RedisLink {
@@ -245,6 +255,7 @@ impl RedisLink {
             appends,
             follows,
             up,
+            answers: Arc::default(),
         };
         let arbiter = Arbiter::new();
         let started = arbiter.spawn(writer::run(link.clone(), append_rx, news.clone(), metrics))

@@ -59,6 +59,8 @@ pub struct RegistrySettings {
     pub replay_max_bytes: usize,
     pub max_runs_per_user: usize,
     pub run_timeout: Duration,
+    /// A question to a user expires after this (PROTOCOL.md §12).
+    pub interrupt_timeout: Duration,
     pub slow_consumer_grace: Duration,
     /// Longest a shutdown waits for cancelled runs to report their end.
     pub shutdown_wait: Duration,
@@ -77,6 +79,7 @@ impl Default for RegistrySettings {
             replay_max_bytes: 1024 * 1024 * 1024,
             max_runs_per_user: 16,
             run_timeout: Duration::from_secs(300),
+            interrupt_timeout: Duration::from_secs(600),
             slow_consumer_grace: Duration::from_secs(5),
             shutdown_wait: Duration::from_secs(10),
             runs_per_minute: 120,
@@ -644,10 +647,11 @@ impl ConnectionRegistry {
             ctx.address().recipient(),
             gate,
         );
-        let timeout = self.settings.run_timeout;
+        let (timeout, interrupt_timeout) =
+            (self.settings.run_timeout, self.settings.interrupt_timeout);
         let (agent, tools, input) = (checked.agent, checked.tools, msg.input);
         let actor = AgentRunActor::start_in_arbiter(&self.agents, move |_| {
-            AgentRunActor::new(agent, input, emitter, tools, timeout)
+            AgentRunActor::new(agent, input, emitter, tools, timeout, interrupt_timeout)
         });
         log::debug!("run {run_id} of user {}: started ({})", msg.user, msg.agent);
         self.metrics.runs_started.inc();
@@ -687,6 +691,48 @@ impl Handler<CancelRun> for ConnectionRegistry {
             return self.cancel_shared(msg);
         }
         Box::pin(actix::fut::ready(Err(CancelRefused::NotFound)))
+    }
+}
+
+impl ConnectionRegistry {
+    /// An answer to a question of one of this node's runs: the run's actor settles it (first
+    /// answer wins there); the ledger has already told apart a run or question that is not
+    /// the user's, not asked, or settled.
+    fn respond(&self, msg: Respond) -> ResponseActFuture<Self, Result<(), RespondRefused>> {
+        let actor = match self
+            .runs
+            .question(&msg.user, &msg.run_id, &msg.interrupt_id)
+        {
+            Ok(actor) => actor,
+            Err(refused) => return Box::pin(actix::fut::ready(Err(refused))),
+        };
+        let answer = crate::interrupt::Answer {
+            interrupt_id: msg.interrupt_id,
+            response: msg.response,
+        };
+        Box::pin(actix::fut::wrap_future(async move {
+            match actor.send(answer).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(crate::interrupt::AnswerRefused::Resolved)) => Err(RespondRefused::Resolved),
+                Ok(Err(crate::interrupt::AnswerRefused::Invalid(why))) => {
+                    Err(RespondRefused::Invalid(why))
+                }
+                // The run's actor has stopped: the run ended, and its questions expired.
+                Err(_) => Err(RespondRefused::Resolved),
+            }
+        }))
+    }
+}
+
+impl Handler<Respond> for ConnectionRegistry {
+    type Result = ResponseActFuture<Self, Result<(), RespondRefused>>;
+
+    fn handle(&mut self, msg: Respond, _: &mut Context<Self>) -> Self::Result {
+        if self.shared.is_some() && self.runs.get(&msg.run_id).is_none() {
+            // Maybe another node's run.
+            return self.respond_shared(msg);
+        }
+        self.respond(msg)
     }
 }
 

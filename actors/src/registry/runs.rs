@@ -13,8 +13,8 @@ use actix::prelude::*;
 
 use crate::event::{EventData, Frame, RunStatus};
 use crate::ids::{RunId, UserId};
-use crate::ledger::{Refused, RunLedger};
-use crate::router::Emit;
+use crate::ledger::{Question, Refused, RunLedger};
+use crate::router::{Emit, RespondRefused};
 use crate::run::{AgentRunActor, Cancel, CancelReason};
 
 use super::event_log::UserLog;
@@ -40,6 +40,14 @@ pub struct RunRecord {
     stopped_since: Option<Instant>,
     /// Events admitted so far: each gets the next index (a shared log skips a retried one).
     admitted: u64,
+}
+
+impl RunRecord {
+    /// Tells the run's actor to end; from now on its ledger lets only the end through.
+    fn stop(&mut self, reason: CancelReason) {
+        self.ledger.cancel();
+        self.actor.do_send(Cancel(reason));
+    }
 }
 
 /// Why an event was not admitted.
@@ -153,20 +161,20 @@ impl RunTable {
     }
 
     /// Cancels one of `user`'s runs; `None` if it has no such run.
-    pub fn cancel(&self, user: &UserId, run_id: &str) -> Option<()> {
-        let run = self.runs.get(run_id).filter(|run| run.user == *user)?;
+    pub fn cancel(&mut self, user: &UserId, run_id: &str) -> Option<()> {
+        let run = self.runs.get_mut(run_id).filter(|run| run.user == *user)?;
         if run.ended.is_none() {
             log::debug!("run {run_id} of user {user}: cancelled by its user");
-            run.actor.do_send(Cancel(CancelReason::Requested));
+            run.stop(CancelReason::Requested);
         }
         Some(())
     }
 
     /// Stops a run of this node whoever asks (another node, which checked the owner).
-    pub fn stop(&self, run_id: &str, reason: CancelReason) -> bool {
-        match self.runs.get(run_id) {
+    pub fn stop(&mut self, run_id: &str, reason: CancelReason) -> bool {
+        match self.runs.get_mut(run_id) {
             Some(run) if run.ended.is_none() => {
-                run.actor.do_send(Cancel(reason));
+                run.stop(reason);
                 true
             }
             Some(_) => true,
@@ -174,9 +182,29 @@ impl RunTable {
         }
     }
 
-    pub fn cancel_running(&self, reason: CancelReason) {
-        for run in self.runs.values().filter(|r| r.ended.is_none()) {
-            run.actor.do_send(Cancel(reason));
+    pub fn cancel_running(&mut self, reason: CancelReason) {
+        for run in self.runs.values_mut().filter(|r| r.ended.is_none()) {
+            run.stop(reason);
+        }
+    }
+
+    /// Where an answer to one of `user`'s run's questions goes: the run's actor, which settles
+    /// it, when the question is still open.
+    pub fn question(
+        &self,
+        user: &UserId,
+        run_id: &str,
+        interrupt_id: &str,
+    ) -> Result<Addr<AgentRunActor>, RespondRefused> {
+        let run = self
+            .runs
+            .get(run_id)
+            .filter(|run| run.user == *user)
+            .ok_or(RespondRefused::NotFound)?;
+        match run.ledger.question(interrupt_id) {
+            None => Err(RespondRefused::UnknownQuestion),
+            Some(Question::Settled) => Err(RespondRefused::Resolved),
+            Some(Question::Open) => Ok(run.actor.clone()),
         }
     }
 

@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::event::{Draft, ErrorBody, EventData, Frame, RunStatus};
 use crate::ids::{new_run_id, RunId, UserId};
+use crate::redis::answers::Forwarded;
 use crate::redis::{
     AppendJob, Claim, History, LogNews, Orphan, ReadEnd, RedisConfig, RedisLink, Unavailable,
 };
@@ -382,8 +383,52 @@ impl ConnectionRegistry {
         }))
     }
 
-    /// `InspectRun` on a shared log: the record and events are read from Redis, so any node
-    /// answers for any run.
+    /// An answer to a question of a run this node does not have: it goes to the run's node,
+    /// whose actor settles it (`redis/answers.rs`).
+    pub(super) fn respond_shared(&mut self, msg: Respond) -> Answer<Result<(), RespondRefused>> {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return Box::pin(actix::fut::ready(Err(RespondRefused::NotFound)));
+        };
+        Box::pin(actix::fut::wrap_future(async move {
+            link.respond(&msg.user, &msg.run_id, msg.interrupt_id, msg.response)
+                .await
+                .unwrap_or_else(|e| {
+                    log::warn!("answer to a question of run {}: {e}", msg.run_id);
+                    Err(RespondRefused::Unavailable)
+                })
+        }))
+    }
+
+    /// An answer another node forwarded: settled here as a local one, the verdict sent back.
+    fn respond_forwarded(
+        &mut self,
+        node: String,
+        token: u64,
+        answer: Forwarded,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return;
+        };
+        let msg = Respond {
+            user: UserId::from(answer.user.as_str()),
+            run_id: answer.run_id,
+            interrupt_id: answer.interrupt_id,
+            response: answer.response,
+        };
+        // Not this node's (any more): its record on Redis is how the asking node found it.
+        let verdict = if self.runs.get(&msg.run_id).is_some() {
+            self.respond(msg)
+        } else {
+            Box::pin(actix::fut::ready(Err(RespondRefused::Resolved)))
+        };
+        ctx.spawn(verdict.map(move |result, _, ctx| {
+            ctx.spawn(actix::fut::wrap_future(async move {
+                link.reply(&node, token, &result).await
+            }));
+        }));
+    }
+
     pub(super) fn inspect_shared(
         &mut self,
         msg: InspectRun,
@@ -596,6 +641,11 @@ impl Handler<LogNews> for ConnectionRegistry {
             LogNews::Cancel(run_id) => {
                 self.runs.stop(&run_id, CancelReason::Requested);
             }
+            LogNews::Respond {
+                node,
+                token,
+                answer,
+            } => self.respond_forwarded(node, token, answer, ctx),
             LogNews::Orphans {
                 node,
                 runs,

@@ -202,6 +202,35 @@ pub fn check_event(ev: &Value) {
             assert_keys(&d["usage"], &["tool_calls"]);
             assert!(d["usage"]["tool_calls"].as_u64().is_some(), "{ev}");
         }
+        "input_requested" => {
+            let kind = d["kind"].as_str().unwrap_or("");
+            let mut keys = vec!["interrupt_id", "kind", "message", "expires_at"];
+            match kind {
+                "approval" => keys.extend(["tool_call_id", "tool", "args"]),
+                "input" => {
+                    if d.get("schema").is_some() {
+                        keys.push("schema");
+                    }
+                }
+                other => panic!("input_requested.kind {other:?}: {ev}"),
+            }
+            assert_keys(d, &keys);
+            assert!(
+                d["interrupt_id"].is_string() && d["message"].is_string(),
+                "{ev}"
+            );
+            let expires = ts_micros(d["expires_at"].as_str().unwrap_or(""));
+            assert!(expires > ts_micros(ev["ts"].as_str().unwrap_or("")), "{ev}");
+        }
+        "input_received" => {
+            assert_keys(d, &["interrupt_id", "response", "expired"]);
+            let expired = d["expired"]
+                .as_bool()
+                .unwrap_or_else(|| panic!("expired must be a bool: {ev}"));
+            if expired {
+                assert!(d["response"].is_null(), "an expiry has no response: {ev}");
+            }
+        }
         other => panic!("unknown event type {other:?}: {ev}"),
     }
 }
@@ -371,6 +400,46 @@ pub fn assert_run_shape(events: &[Value]) {
     assert!(
         open.is_empty(),
         "tool calls never completed: {open:?}:\n  {}",
+        dump()
+    );
+
+    // Questions (§12): asked once, settled exactly once, an approval before its call.
+    let mut asked: std::collections::HashSet<String> = Default::default();
+    let mut waiting: std::collections::HashSet<String> = Default::default();
+    for (i, e) in events.iter().enumerate() {
+        let id = || e["data"]["interrupt_id"].as_str().unwrap_or("").to_string();
+        match frame_type(e) {
+            "input_requested" => {
+                let id = id();
+                assert!(
+                    asked.insert(id.clone()),
+                    "question {id} asked twice:\n  {}",
+                    dump()
+                );
+                waiting.insert(id);
+                if let Some(call) = e["data"]["tool_call_id"].as_str() {
+                    assert!(
+                        !events[..i].iter().any(|p| frame_type(p) == "tool_executing"
+                            && p["data"]["tool_call_id"] == call),
+                        "approval of {call} after its tool_executing:\n  {}",
+                        dump()
+                    );
+                }
+            }
+            "input_received" => {
+                let id = id();
+                assert!(
+                    waiting.remove(&id),
+                    "input_received for {id} that is not open (event {i}):\n  {}",
+                    dump()
+                );
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        waiting.is_empty(),
+        "questions never settled: {waiting:?}:\n  {}",
         dump()
     );
 }
