@@ -132,9 +132,21 @@ pub(crate) fn check_input(
     Err(message)
 }
 
-/// Compiles a question's schema; the error says what is wrong with it.
+/// Bytes a schema's compiled `pattern` may take (each), and its matcher's cache.
+const PATTERN_BYTES: usize = 256 * 1024;
+
+/// Compiles a question's schema; the error says what is wrong with it. Patterns use the
+/// `regex` engine, whose matching is linear in the input (no catastrophic backtracking; no
+/// look-around either), within a size bound: a schema can come from a user (`scripted`), and
+/// compiling and checking it must cost little.
 pub(crate) fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
-    jsonschema::validator_for(schema).map_err(|e| format!("not a valid JSON Schema: {e}"))
+    let patterns = jsonschema::PatternOptions::regex()
+        .size_limit(PATTERN_BYTES)
+        .dfa_size_limit(PATTERN_BYTES);
+    jsonschema::options()
+        .with_pattern_options(patterns)
+        .build(schema)
+        .map_err(|e| format!("not a valid JSON Schema: {e}"))
 }
 
 #[cfg(test)]
@@ -190,5 +202,26 @@ mod tests {
     fn a_broken_schema_is_refused_when_compiled() {
         assert!(compile(&json!({"type": "nonsense"})).is_err());
         assert!(compile(&json!({"minimum": "a"})).is_err());
+        assert!(
+            compile(&json!({"$ref": "http://127.0.0.1:9/schema.json"})).is_err(),
+            "a remote $ref is never fetched"
+        );
+        assert!(
+            compile(&json!({"pattern": "(a{1000}){1000}"})).is_err(),
+            "a pattern past the size bound"
+        );
+    }
+
+    #[test]
+    fn a_hostile_schema_costs_little_to_compile_and_check() {
+        let pattern = format!("^({})+$", vec!["[a-z]{1,20}"; 2000].join("|"));
+        let schema = json!({"type": "object", "patternProperties": {pattern.clone(): {"pattern": pattern}}});
+        let started = std::time::Instant::now();
+        let compiled = compile(&schema);
+        if let Ok(v) = compiled {
+            let _ = check_input(&v, &json!({"a".repeat(60_000): "b".repeat(60_000)}));
+        }
+        // Generous: a debug build on a loaded machine; a backtracking engine takes minutes.
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
     }
 }
