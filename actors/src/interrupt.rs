@@ -132,6 +132,39 @@ pub(crate) fn check_input(
     Err(message)
 }
 
+/// Checks that a schema is one, against its draft's meta-schema: a tenth of the cost of
+/// compiling it, for checks that run where time is shared (a run's start, on the registry).
+/// What only compiling finds (a `pattern` the engine refuses) fails the question later.
+pub fn check_schema(schema: &Value) -> Result<(), String> {
+    check_size(schema)?;
+    jsonschema::meta::validate(schema).map_err(|e| {
+        let path = e.instance_path().to_string();
+        if path.is_empty() {
+            format!("not a valid JSON Schema: {e}")
+        } else {
+            format!("not a valid JSON Schema at {path}: {e}")
+        }
+    })
+}
+
+/// Longest schema a question may carry, as JSON. A question is for a person to answer: a
+/// form of a few dozen fields is some 2 KB. Its compiled validator is kept while the question
+/// is open and weighs some 50 times the schema's JSON (a 64 KB schema of 1,500 fields held
+/// 3 MiB), so the bound is what keeps open questions cheap.
+pub const MAX_SCHEMA_BYTES: usize = 8 * 1024;
+
+fn check_size(schema: &Value) -> Result<(), String> {
+    let bytes = serde_json::to_vec(schema)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if bytes > MAX_SCHEMA_BYTES {
+        return Err(format!(
+            "a question's schema may be at most {MAX_SCHEMA_BYTES} bytes of JSON, this one is {bytes}"
+        ));
+    }
+    Ok(())
+}
+
 /// Bytes a schema's compiled `pattern` may take (each), and its matcher's cache.
 const PATTERN_BYTES: usize = 256 * 1024;
 
@@ -140,6 +173,7 @@ const PATTERN_BYTES: usize = 256 * 1024;
 /// look-around either), within a size bound: a schema can come from a user (`scripted`), and
 /// compiling and checking it must cost little.
 pub(crate) fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
+    check_size(schema)?;
     let patterns = jsonschema::PatternOptions::regex()
         .size_limit(PATTERN_BYTES)
         .dfa_size_limit(PATTERN_BYTES);
@@ -199,7 +233,20 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_schema_is_refused_when_compiled() {
+    fn a_broken_schema_is_refused_when_checked_or_compiled() {
+        for broken in [
+            json!({"type": "nonsense"}),
+            json!({"minimum": "a"}),
+            json!(3),
+        ] {
+            assert!(check_schema(&broken).is_err(), "{broken}");
+            assert!(compile(&broken).is_err(), "{broken}");
+        }
+        assert_eq!(
+            check_schema(&json!({"type": "integer", "minimum": 1})),
+            Ok(())
+        );
+        assert_eq!(check_schema(&json!(true)), Ok(()));
         assert!(compile(&json!({"type": "nonsense"})).is_err());
         assert!(compile(&json!({"minimum": "a"})).is_err());
         assert!(
@@ -213,15 +260,31 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_is_bounded_in_size() {
+        let properties: serde_json::Map<String, Value> = (0..400)
+            .map(|i| (format!("p{i}"), json!({"type": "string"})))
+            .collect();
+        let big = json!({"type": "object", "properties": properties});
+        let e = check_schema(&big).unwrap_err();
+        assert!(e.contains("at most 8192 bytes"), "{e}");
+        assert!(compile(&big).is_err());
+    }
+
+    #[test]
     fn a_hostile_schema_costs_little_to_compile_and_check() {
-        let pattern = format!("^({})+$", vec!["[a-z]{1,20}"; 2000].join("|"));
-        let schema = json!({"type": "object", "patternProperties": {pattern.clone(): {"pattern": pattern}}});
+        let pattern = format!("^({})+$", vec!["[a-z]{1,20}"; 300].join("|"));
+        let schema =
+            json!({"type": "object", "patternProperties": {pattern.clone(): {"pattern": pattern}}});
         let started = std::time::Instant::now();
         let compiled = compile(&schema);
         if let Ok(v) = compiled {
             let _ = check_input(&v, &json!({"a".repeat(60_000): "b".repeat(60_000)}));
         }
         // Generous: a debug build on a loaded machine; a backtracking engine takes minutes.
-        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

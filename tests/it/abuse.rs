@@ -15,6 +15,7 @@
 //! 5. `run_inspection_to_clients_that_never_read`
 //! 6. `reading_tabs_never_lose_events`
 //! 7. `sse_resume_and_live_bursts_reach_a_fast_reader`
+//! 8. `questions_nobody_answers_cost_a_bounded_amount_until_they_expire`
 //!
 //! Run with `cargo test --test it abuse:: -- --test-threads=1 --nocapture` to see the figures.
 //! The tests also take a lock so that they run one at a time under the default parallel runner:
@@ -243,7 +244,7 @@ async fn stalled_sse_streams_count_until_reset_and_stay_bounded() {
         ("Authorization", bearer.as_str()),
         ("Accept", "text/event-stream"),
     ];
-    let watch = RssWatch::start(server.pid, 64.0);
+    let watch = RssWatch::start(server.pid, 96.0);
     for cycle in 1..=3 {
         let mut stalled = Vec::new();
         for _ in 0..8 {
@@ -676,7 +677,7 @@ async fn connect_time_replay_to_clients_that_never_read() {
     let slow0 = metric(addr, SLOW).await.unwrap_or(0.0);
     drop(http);
     let fds0 = server.fds();
-    let watch = RssWatch::start(server.pid, 64.0);
+    let watch = RssWatch::start(server.pid, 96.0);
     let path = format!("/v1/ws?token={}&after_seq=0", server.token(user));
     let mut socks = Vec::new();
     for _ in 0..16 {
@@ -760,7 +761,7 @@ async fn run_inspection_to_clients_that_never_read() {
     assert_eq!(whole.status, 200, "{}", short(&whole.body));
     drop(http);
     let req = get_request(addr, &path, &[("Authorization", &bearer)]).repeat(4);
-    let watch = RssWatch::start(server.pid, 64.0);
+    let watch = RssWatch::start(server.pid, 96.0);
     // In batches of 25, each given up to 1 s to be answered (bytes waiting, unread) before the
     // next: requests already sent cannot be taken back, so this bounds the overshoot when RSS
     // blows.
@@ -1123,4 +1124,120 @@ async fn request_head_normal(
         Ok(Err(e)) => panic!("request failed: {e}"),
         Err(_) => panic!("no response head within 10 s"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Questions (section 12) left open.
+
+/// Users who start as many runs as they may (`--max-runs-per-user` 16), each asking a question
+/// with the largest schema a question may have (8 KiB of JSON, ~200 properties: the most
+/// validator per byte), in an input padded to a frame's size, and never answer. What the
+/// server holds for each open question (the run's input, the schema and its compiled
+/// validator, a parked future and one expiry timer) stays under 768 KiB: 8 users x 16
+/// questions under 96 MiB (0.53 MiB each measured; events kept for resume held to 8 MiB here, so that they do not count), no
+/// file descriptor is held for a question, and once `--interrupt-timeout-ms` passes every
+/// question has expired and every run has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_nobody_answers_cost_a_bounded_amount_until_they_expire() {
+    let _serial = SERIAL.lock().await;
+    let server = Server::start(&[
+        "--interrupt-timeout-ms",
+        "12000",
+        "--runs-per-minute",
+        "100000",
+        "--replay-max-bytes",
+        "8388608",
+    ]);
+    let addr = server.addr;
+    let mut f = Failures::default();
+    let mut http = Http::new(addr);
+    // A schema of many small properties: the most validator per byte of JSON.
+    let mut n = 400;
+    let schema = loop {
+        let properties: serde_json::Map<String, Value> = (0..n)
+            .map(|i| {
+                (
+                    format!("p{i}"),
+                    serde_json::json!({"type": "string", "maxLength": i}),
+                )
+            })
+            .collect();
+        let schema = serde_json::json!({"type": "object", "properties": properties});
+        if schema.to_string().len() <= 8192 {
+            break schema;
+        }
+        n -= 5;
+    };
+    let pad = 64_000 - schema.to_string().len() - 200;
+    let body = serde_json::json!({"agent": "scripted", "input": {"steps": [
+        {"think": "x".repeat(pad)},
+        {"ask": "fill this in", "schema": schema}
+    ]}})
+    .to_string();
+    let fds_before = server.fds();
+    let watch = RssWatch::start(server.pid, 96.0);
+    let t0 = Instant::now();
+    let mut asked = 0;
+    'users: for user in 0..8 {
+        let bearer = server.bearer(&format!("asker-{user}"));
+        for _ in 0..16 {
+            if watch.blown() {
+                f.fail("RSS over twice the bound");
+                break 'users;
+            }
+            match http
+                .start_run(&bearer, &body, Instant::now() + Duration::from_secs(10))
+                .await
+            {
+                Ok(_) => asked += 1,
+                Err(e) => f.fail(e),
+            }
+        }
+    }
+    let started = t0.elapsed();
+    let (asking, _) = wait_metric(
+        addr,
+        "agentcast_events_emitted_total{type=\"input_requested\"}",
+        Duration::from_secs(10),
+        |v| v >= 128.0,
+    )
+    .await;
+    let running = metric(addr, "agentcast_runs_running").await.unwrap_or(0.0);
+    let growth = watch.peak_growth_mib();
+    let fds = server.fds();
+    eprintln!(
+        "[abuse] questions: {asked} runs started in {:.1} s, {asking} questions asked, {running} running ({} byte bodies, {n} properties); RSS peak +{growth:.1} MiB (baseline {:.1} MiB), {:.2} MiB per open question; fds {fds_before} -> {fds}",
+        secs(started),
+        body.len(),
+        watch.baseline_mib(),
+        growth / asked.max(1) as f64
+    );
+    f.check(running == 128.0, || {
+        format!("{running} runs waiting, want 128")
+    });
+    f.check(growth < 96.0, || {
+        format!("128 open questions: RSS grew {growth:.1} MiB (bound 96)")
+    });
+    f.check(fds <= fds_before + 2, || {
+        format!("{asked} open questions hold fds: {fds_before} -> {fds}")
+    });
+    let done = wait_runs_done(addr, Duration::from_secs(30)).await;
+    f.check(done, || {
+        "runs still running 30 s after their questions were asked (expiry 12 s)".into()
+    });
+    let expired = metric(
+        addr,
+        "agentcast_events_emitted_total{type=\"input_received\"}",
+    )
+    .await
+    .unwrap_or(0.0);
+    eprintln!(
+        "[abuse] questions: all ended {:.1} s after the first start; {expired} input_received; RSS now +{:.1} MiB",
+        secs(t0.elapsed()),
+        watch.growth_now_mib()
+    );
+    f.check(expired == 128.0, || {
+        format!("{expired} questions settled, want 128 (all expired)")
+    });
+    f.assert_none("questions");
 }

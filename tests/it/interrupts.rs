@@ -622,3 +622,37 @@ async fn a_question_is_answered_from_another_node() {
     assert_eq!(exec["data"]["args"], json!({"expr": "2*5"}));
     assert_eq!(events_b.last().unwrap()["data"]["status"], "succeeded");
 }
+
+/// A question's schema is bounded and checked: one over 8 KiB, or not a schema, is refused
+/// when the run is started (`invalid_field`); one whose `pattern` the server's linear-time
+/// engine refuses (look-around) fails the run `invalid_schema` without asking anything.
+#[tokio::test]
+async fn a_schema_too_big_or_broken_is_refused() {
+    let server = start(test_config());
+    let mut c = Client::connect(&server, "alice").await;
+    let properties: serde_json::Map<String, Value> = (0..400)
+        .map(|i| (format!("p{i}"), json!({"type": "string"})))
+        .collect();
+    for schema in [
+        json!({"type": "object", "properties": properties}),
+        json!({"type": "nonsense"}),
+    ] {
+        let r = c
+            .request(json!({"type": "start_run", "agent": "scripted",
+                "input": {"steps": [{"ask": "?", "schema": schema}]}}))
+            .await;
+        assert_error(&r, "invalid_field");
+        assert!(r["message"].as_str().unwrap().contains("step 0"), "{r}");
+    }
+    let run = c
+        .start_run(
+            "scripted",
+            scripted(json!([{"ask": "?", "schema": {"type": "string", "pattern": "^(?=a)"}}])),
+        )
+        .await;
+    let events = c.collect_run(&run).await;
+    check_run(&events, &run, None);
+    assert_eq!(types(&events), ["agent_started", "agent_completed"]);
+    assert_eq!(events[1]["data"]["status"], "failed");
+    assert_eq!(events[1]["data"]["error"]["code"], "invalid_schema");
+}

@@ -83,7 +83,7 @@ fn parse_step(step: &Value) -> Result<Step, String> {
         let schema = match obj.get("schema") {
             None | Some(Value::Null) => None,
             Some(schema) => {
-                crate::interrupt::compile(schema).map_err(|e| format!("schema is {e}"))?;
+                crate::interrupt::check_schema(schema).map_err(|e| format!("schema is {e}"))?;
                 Some(schema.clone())
             }
         };
