@@ -47,49 +47,13 @@ async fn start(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
         Ok(user) => user,
         Err(refusal) => return *refusal,
     };
-    // The same parser as the WebSocket's start_run, so both refuse the same things.
-    let mut frame = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(obj)) => obj,
-        Ok(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                "the body must be a JSON object",
-            )
-        }
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                &format!("not valid JSON: {e}"),
-            )
-        }
+    let frame = match json_object(&body) {
+        Ok(frame) => frame,
+        Err(refusal) => return *refusal,
     };
-    frame.insert("type".into(), json!("start_run"));
-    frame.remove("request_id");
-    let (agent, input, thread_id) = match parse_client_frame(&Value::Object(frame).to_string()) {
-        Ok(parsed) => match parsed.command {
-            Command::StartRun {
-                agent,
-                input,
-                thread_id,
-            } => (agent, input, thread_id),
-            _ => return error(StatusCode::BAD_REQUEST, "invalid_field", "not a run"),
-        },
-        Err(refusal) => {
-            let code = serde_json::to_value(refusal.code).unwrap_or(Value::Null);
-            return error(
-                StatusCode::BAD_REQUEST,
-                code.as_str().unwrap_or("invalid_field"),
-                &refusal.message,
-            );
-        }
-    };
-    let ask = StartRun {
-        user: user.into(),
-        agent,
-        input,
-        thread_id,
+    let ask = match parse_start(user, frame) {
+        Ok(ask) => ask,
+        Err(refusal) => return *refusal,
     };
     match state.router.start_run.send(ask).await {
         Ok(Ok(run_id)) => HttpResponse::Accepted().json(json!({ "run_id": &*run_id })),
@@ -98,7 +62,63 @@ async fn start(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     }
 }
 
-fn start_refused(refused: StartRefused) -> HttpResponse {
+/// A request body that must be a JSON object; else the 400 `bad_json`.
+pub(crate) fn json_object(
+    body: &[u8],
+) -> Result<serde_json::Map<String, Value>, Box<HttpResponse>> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "the body must be a JSON object",
+        ))),
+        Err(e) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            &format!("not valid JSON: {e}"),
+        ))),
+    }
+}
+
+/// The run a JSON object `{agent, input, thread_id?}` asks `user` to start, read by the same
+/// parser as the WebSocket's `start_run` so that both refuse the same things; else the 400.
+pub(crate) fn parse_start(
+    user: String,
+    mut frame: serde_json::Map<String, Value>,
+) -> Result<StartRun, Box<HttpResponse>> {
+    frame.insert("type".into(), json!("start_run"));
+    frame.remove("request_id");
+    match parse_client_frame(&Value::Object(frame).to_string()) {
+        Ok(parsed) => match parsed.command {
+            Command::StartRun {
+                agent,
+                input,
+                thread_id,
+            } => Ok(StartRun {
+                user: user.into(),
+                agent,
+                input,
+                thread_id,
+            }),
+            _ => Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "not a run",
+            ))),
+        },
+        Err(refusal) => {
+            let code = serde_json::to_value(refusal.code).unwrap_or(Value::Null);
+            Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                code.as_str().unwrap_or("invalid_field"),
+                &refusal.message,
+            )))
+        }
+    }
+}
+
+pub(crate) fn start_refused(refused: StartRefused) -> HttpResponse {
     match refused {
         StartRefused::UnknownAgent => error(
             StatusCode::BAD_REQUEST,
