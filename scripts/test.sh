@@ -3,7 +3,8 @@
 # runs every test: unit, doc and integration tests (real servers on 127.0.0.1), the shell
 # examples of README.md (scripts/readme-test.sh), the bench harness at a small scale (zero-loss
 # checks included), and the browser tests in Chromium. The scale-out tests (tests/it/scale_out.rs)
-# start real redis-server processes: Debian's redis-server package.
+# start real redis-server processes: Debian's redis-server package. The frontend tests read
+# POST /v1/agui and /v1/ai-sdk with the real @ag-ui/client and ai packages (npm ci).
 # CI (.ci/run) calls exactly this. Anything missing or failing stops it loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,3 +50,6 @@ fi
 
 echo "== browser tests"
 AGENTCAST_BIN=target/debug/agentcast bash tests/browser/run.sh
+
+echo "== frontend protocol tests (@ag-ui/client and ai, pinned, npm ci)"
+AGENTCAST_BIN=target/debug/agentcast bash tests/frontends/run.sh

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod frontends;
 pub mod keys;
 pub mod limits;
 pub mod logging;

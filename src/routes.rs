@@ -43,6 +43,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, dev_mode: bool, max_body: usize) 
         .route("/v1/agents", web::get().to(agents));
     crate::stream::configure(cfg);
     crate::runs::configure(cfg);
+    crate::frontends::configure(cfg);
     crate::web::configure(cfg);
     if dev_mode {
         cfg.route("/v1/dev/token", web::post().to(dev_token));

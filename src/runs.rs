@@ -43,68 +43,19 @@ fn not_found() -> HttpResponse {
     error(StatusCode::NOT_FOUND, "run_not_found", "no such run")
 }
 
-/// Reads a body as the WebSocket command `kind` (with `run_id` from the path), through the same
-/// parser, so both refuse the same things with the same codes.
-fn command_from_body(
-    body: &[u8],
-    kind: &str,
-    run_id: Option<&str>,
-) -> Result<Command, Box<HttpResponse>> {
-    let mut frame = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(obj)) => obj,
-        Ok(_) => {
-            return Err(Box::new(error(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                "the body must be a JSON object",
-            )))
-        }
-        Err(e) => {
-            return Err(Box::new(error(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                &format!("not valid JSON: {e}"),
-            )))
-        }
-    };
-    frame.insert("type".into(), json!(kind));
-    frame.remove("request_id");
-    if let Some(run_id) = run_id {
-        frame.insert("run_id".into(), json!(run_id));
-    }
-    match parse_client_frame(&Value::Object(frame).to_string()) {
-        Ok(parsed) => Ok(parsed.command),
-        Err(refusal) => {
-            let code = serde_json::to_value(refusal.code).unwrap_or(Value::Null);
-            Err(Box::new(error(
-                StatusCode::BAD_REQUEST,
-                code.as_str().unwrap_or("invalid_field"),
-                &refusal.message,
-            )))
-        }
-    }
-}
-
 /// `POST /v1/runs` `{agent, input, thread_id?}` → 202 `{run_id}`.
 async fn start(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let user = match authenticate(&req, &state, None) {
         Ok(user) => user,
         Err(refusal) => return *refusal,
     };
-    let (agent, input, thread_id) = match command_from_body(&body, "start_run", None) {
-        Ok(Command::StartRun {
-            agent,
-            input,
-            thread_id,
-        }) => (agent, input, thread_id),
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "invalid_field", "not a run"),
+    let frame = match json_object(&body) {
+        Ok(frame) => frame,
         Err(refusal) => return *refusal,
     };
-    let ask = StartRun {
-        user: user.into(),
-        agent,
-        input,
-        thread_id,
+    let ask = match parse_start(user, frame) {
+        Ok(ask) => ask,
+        Err(refusal) => return *refusal,
     };
     match state.router.start_run.send(ask).await {
         Ok(Ok(run_id)) => HttpResponse::Accepted().json(json!({ "run_id": &*run_id })),
@@ -113,7 +64,74 @@ async fn start(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     }
 }
 
-fn start_refused(refused: StartRefused) -> HttpResponse {
+/// A request body that must be a JSON object; else the 400 `bad_json`.
+pub(crate) fn json_object(
+    body: &[u8],
+) -> Result<serde_json::Map<String, Value>, Box<HttpResponse>> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "the body must be a JSON object",
+        ))),
+        Err(e) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            &format!("not valid JSON: {e}"),
+        ))),
+    }
+}
+
+/// Reads a JSON object as the WebSocket command `kind` (with `run_id` from the path), through
+/// the same parser, so that both refuse the same things with the same codes; else the 400.
+fn command_of(
+    mut frame: serde_json::Map<String, Value>,
+    kind: &str,
+    run_id: Option<&str>,
+) -> Result<Command, Box<HttpResponse>> {
+    frame.insert("type".into(), json!(kind));
+    frame.remove("request_id");
+    if let Some(run_id) = run_id {
+        frame.insert("run_id".into(), json!(run_id));
+    }
+    parse_client_frame(&Value::Object(frame).to_string())
+        .map(|parsed| parsed.command)
+        .map_err(|refusal| {
+            let code = serde_json::to_value(refusal.code).unwrap_or(Value::Null);
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                code.as_str().unwrap_or("invalid_field"),
+                &refusal.message,
+            ))
+        })
+}
+
+/// The run a JSON object `{agent, input, thread_id?}` asks `user` to start; else the 400.
+pub(crate) fn parse_start(
+    user: String,
+    frame: serde_json::Map<String, Value>,
+) -> Result<StartRun, Box<HttpResponse>> {
+    match command_of(frame, "start_run", None)? {
+        Command::StartRun {
+            agent,
+            input,
+            thread_id,
+        } => Ok(StartRun {
+            user: user.into(),
+            agent,
+            input,
+            thread_id,
+        }),
+        _ => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "not a run",
+        ))),
+    }
+}
+
+pub(crate) fn start_refused(refused: StartRefused) -> HttpResponse {
     match refused {
         StartRefused::UnknownAgent => error(
             StatusCode::BAD_REQUEST,
@@ -250,7 +268,8 @@ async fn respond(
         Err(refusal) => return *refusal,
     };
     let run_id = path.into_inner();
-    let (interrupt_id, response) = match command_from_body(&body, "respond", Some(&run_id)) {
+    let answer = json_object(&body).and_then(|frame| command_of(frame, "respond", Some(&run_id)));
+    let (interrupt_id, response) = match answer {
         Ok(Command::Respond {
             interrupt_id,
             response,

@@ -84,27 +84,7 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     // Refusals are answered before anything is streamed.
     match joined.await {
         Ok(Joined::Yes) => {}
-        Ok(Joined::TooManyConnections(limit)) => {
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                &format!("too many connections for this user (at most {limit}); close one first"),
-            )
-        }
-        Ok(Joined::StoreUnavailable) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the event store is unreachable; try again later",
-            )
-        }
-        Ok(Joined::Unavailable) | Err(_) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "internal",
-                "the event router is unavailable",
-            )
-        }
+        refused => return join_refused(refused.ok()),
     }
     HttpResponse::Ok()
         .content_type("text/event-stream")
@@ -112,4 +92,32 @@ async fn events(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
         // Tells nginx and similar proxies not to buffer the stream.
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(body)
+}
+
+/// The answer to a stream that could not join its user (`None`: the session is gone), before
+/// anything is streamed.
+pub(crate) fn join_refused(joined: Option<Joined>) -> HttpResponse {
+    match joined {
+        Some(Joined::TooManyConnections(limit)) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &format!("too many connections for this user (at most {limit}); close one first"),
+        ),
+        Some(Joined::StoreUnavailable) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the event store is unreachable; try again later",
+        ),
+        Some(Joined::RunRefused(refused)) => crate::runs::start_refused(refused),
+        Some(Joined::RunGone) => error(
+            StatusCode::GONE,
+            "resume_gap",
+            "the run's first events are no longer kept; it cannot be replayed from its start",
+        ),
+        Some(Joined::Yes | Joined::Following(_) | Joined::Unavailable) | None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal",
+            "the event router is unavailable",
+        ),
+    }
 }

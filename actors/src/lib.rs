@@ -18,6 +18,7 @@ pub mod emitter;
 pub mod event;
 pub mod executor;
 pub mod frame_limit;
+pub mod frontends;
 pub mod ids;
 pub mod interrupt;
 pub mod ledger;

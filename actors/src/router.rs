@@ -304,6 +304,24 @@ impl Drop for InspectLease {
     }
 }
 
+/// The running run of `user`'s thread, if this node runs it: what `GET
+/// /v1/ai-sdk/{agent}/{id}/stream` follows, replayed from its first event.
+#[derive(Message)]
+#[rtype(result = "Option<ThreadRun>")]
+pub struct FindThreadRun {
+    pub user: UserId,
+    pub thread_id: String,
+    /// Only a run of this agent.
+    pub agent: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadRun {
+    pub run_id: RunId,
+    /// A replay of the user's events after this `seq` begins with the run's first event.
+    pub after_seq: u64,
+}
+
 /// Brings the gauges in the metrics up to date (before a scrape).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -349,6 +367,7 @@ pub struct Router {
     pub shutdown: Recipient<Shutdown>,
     pub inspect_run: Recipient<InspectRun>,
     pub refresh_gauges: Recipient<RefreshGauges>,
+    pub find_thread_run: Recipient<FindThreadRun>,
 }
 
 impl Router {
@@ -364,7 +383,8 @@ impl Router {
             + Handler<Emit>
             + Handler<Shutdown>
             + Handler<InspectRun>
-            + Handler<RefreshGauges>,
+            + Handler<RefreshGauges>
+            + Handler<FindThreadRun>,
     {
         Router {
             connect: addr.clone().recipient(),
@@ -376,7 +396,8 @@ impl Router {
             emit: addr.clone().recipient(),
             shutdown: addr.clone().recipient(),
             inspect_run: addr.clone().recipient(),
-            refresh_gauges: addr.recipient(),
+            refresh_gauges: addr.clone().recipient(),
+            find_thread_run: addr.recipient(),
         }
     }
 }

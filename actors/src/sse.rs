@@ -11,6 +11,11 @@
 //! and catches up from the log while it reads, or is cut off and its TCP connection reset
 //! after the grace period. It counts against the user's connection limit until the response
 //! is gone.
+//!
+//! The frontends' routes (`/v1/agui`, `/v1/ai-sdk`, PROTOCOL.md section 13) use the same
+//! session with a [`FollowRun`]: it joins, then starts the run (or, to resume, joins with a
+//! replay from the run's first event), writes only that run's events, re-encoded by the
+//! format's [`RunEncoder`], and ends the stream after the run's last event.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -22,10 +27,12 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_web::web::Bytes;
 use futures_util::Stream;
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::Frame;
-use crate::ids::{random_id, UserId};
+use crate::frontends::{Encoding, RunEncoder, RunEvent};
+use crate::ids::{random_id, RunId, UserId};
 use crate::metrics::Metrics;
 use crate::protocol::{Control, ErrorCode, PROTOCOL_VERSION};
 use crate::replay::Gap;
@@ -37,9 +44,15 @@ static NEXT_KEY: AtomicU64 = AtomicU64::new(1 << 62);
 const BODY_CHUNKS: usize = 48;
 
 /// How joining the registry went, for the HTTP layer to answer before streaming.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Joined {
     Yes,
+    /// A frontend stream joined and follows this run.
+    Following(RunId),
+    /// The run to follow could not be started.
+    RunRefused(StartRefused),
+    /// The run to follow is no longer in the user's log from its first event.
+    RunGone,
     TooManyConnections(usize),
     Unavailable,
     /// The shared log (Redis) cannot be reached: 503 `unavailable`.
@@ -65,6 +78,22 @@ impl Stream for SseBody {
     }
 }
 
+/// What a frontend stream follows: one run, in one of the frontends' encodings.
+pub enum FollowRun {
+    /// Start this run once joined, so that none of its events can come before the session.
+    Start(StartRun),
+    /// A running run, replayed from the user's events after `after_seq` (its first is next).
+    Running { run_id: RunId, after_seq: u64 },
+}
+
+/// A frontend stream's state: the run it follows and the encoder of its format.
+struct RunStream {
+    encoder: Box<dyn RunEncoder>,
+    /// Known once the run has started.
+    run_id: Option<RunId>,
+    start: Option<StartRun>,
+}
+
 pub struct SseSession {
     key: u64,
     id: String,
@@ -83,6 +112,8 @@ pub struct SseSession {
     outbound_queue: usize,
     last_seq: u64,
     metrics: Arc<Metrics>,
+    /// Set for a frontend stream: one run's events only, re-encoded; no control frames.
+    run: Option<RunStream>,
 }
 
 impl SseSession {
@@ -116,8 +147,49 @@ impl SseSession {
             outbound_queue,
             last_seq: 0,
             metrics,
+            run: None,
         };
         (session, SseBody { rx }, joined_rx)
+    }
+
+    /// A frontend stream of `user`: one run in `encoding`. Joining answers `Following` once
+    /// the run is known (started, for [`FollowRun::Start`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_run(
+        user: UserId,
+        router: Router,
+        follow: FollowRun,
+        encoding: Encoding,
+        reset: Option<ResetHandle>,
+        heartbeat: Duration,
+        outbound_queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Self, SseBody, oneshot::Receiver<Joined>) {
+        let (run, resume) = match follow {
+            FollowRun::Start(start) => ((None, Some(start)), None),
+            FollowRun::Running { run_id, after_seq } => (
+                (Some(run_id), None),
+                Some(ResumeFrom {
+                    after_seq,
+                    epoch: None,
+                }),
+            ),
+        };
+        let (mut session, body, joined) = Self::new(
+            user,
+            router,
+            resume,
+            reset,
+            heartbeat,
+            outbound_queue,
+            metrics,
+        );
+        session.run = Some(RunStream {
+            encoder: encoding.encoder(),
+            run_id: run.0,
+            start: run.1,
+        });
+        (session, body, joined)
     }
 
     /// Queues chunks for the client.
@@ -171,6 +243,10 @@ impl SseSession {
     }
 
     fn control(&mut self, event: &str, frame: Control<'_>, ctx: &mut Context<Self>) {
+        if self.run.is_some() {
+            // The frontends' formats have no place for agentcast's control frames.
+            return;
+        }
         let text = format!("event: {event}\ndata: {}\n\n", frame.to_text());
         self.write([Bytes::from(text)], ctx);
     }
@@ -187,11 +263,88 @@ impl SseSession {
         );
     }
 
+    /// One of the followed run's events, in the stream's format; the stream ends after the
+    /// run's last event.
+    fn run_event(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        if run.run_id.as_ref() != Some(&frame.run_id) || run.encoder.finished() {
+            return;
+        }
+        let parsed: Value = match serde_json::from_str(&frame.text) {
+            Ok(value) => value,
+            Err(e) => {
+                log::error!("run {}: event {} is not JSON: {e}", frame.run_id, frame.seq);
+                return;
+            }
+        };
+        let Some(event) = RunEvent::from_json(&parsed) else {
+            log::error!(
+                "run {}: event {} is not a run event",
+                frame.run_id,
+                frame.seq
+            );
+            return;
+        };
+        let mut chunks: Vec<Bytes> = run
+            .encoder
+            .encode(&event)
+            .into_iter()
+            .map(|out| Bytes::from(format!("id: {}\ndata: {out}\n\n", frame.seq)))
+            .collect();
+        let finished = run.encoder.finished();
+        if finished {
+            if let Some(trailer) = run.encoder.trailer() {
+                chunks.push(Bytes::from(format!("data: {trailer}\n\n")));
+            }
+        }
+        self.write(chunks, ctx);
+        if finished {
+            self.end(ctx);
+        }
+    }
+
+    /// A frontend stream has joined: it starts its run, if it is to, before it reads any
+    /// event (`ctx.wait` holds the mailbox back), so the run's first events wait for it.
+    fn follow(&mut self, joined: Connected, ctx: &mut Context<Self>) {
+        if let Some(Err(_)) = joined.resume {
+            return self.refused(Joined::RunGone, ctx);
+        }
+        let start = self.run.as_mut().and_then(|run| run.start.take());
+        let Some(start) = start else {
+            let run_id = self.run.as_ref().and_then(|run| run.run_id.clone());
+            if let (Some(tx), Some(run_id)) = (self.joined.take(), run_id) {
+                let _ = tx.send(Joined::Following(run_id));
+            }
+            return;
+        };
+        ctx.wait(
+            actix::fut::wrap_future(self.router.start_run.send(start)).map(
+                |answer, act: &mut Self, ctx| match answer {
+                    Ok(Ok(run_id)) => {
+                        if let Some(run) = act.run.as_mut() {
+                            run.run_id = Some(run_id.clone());
+                        }
+                        if let Some(tx) = act.joined.take() {
+                            let _ = tx.send(Joined::Following(run_id));
+                        }
+                    }
+                    Ok(Err(refused)) => act.refused(Joined::RunRefused(refused), ctx),
+                    Err(_) => act.refused(Joined::Unavailable, ctx),
+                },
+            ),
+        );
+    }
+
     fn on_joined(&mut self, joined: Connected, ctx: &mut Context<Self>) {
+        self.last_seq = joined.last_seq;
+        if self.run.is_some() {
+            return self.follow(joined, ctx);
+        }
         if let Some(tx) = self.joined.take() {
             let _ = tx.send(Joined::Yes);
         }
-        self.last_seq = joined.last_seq;
         let (id, user) = (self.id.clone(), self.user.clone());
         let welcome = Control::Welcome {
             session_id: &id,
@@ -282,9 +435,15 @@ impl Handler<Push> for SseSession {
     fn handle(&mut self, msg: Push, ctx: &mut Context<Self>) {
         match msg {
             Push::Event(frame) => {
+                // Every frame taken counts as written, the other runs' ones on a frontend
+                // stream too: the registry judges whether the session is reading by it.
                 if self.shared.take(&frame, &self.metrics) {
                     self.last_seq = self.last_seq.max(frame.seq);
-                    self.event(frame, ctx);
+                    if self.run.is_some() {
+                        self.run_event(frame, ctx);
+                    } else {
+                        self.event(frame, ctx);
+                    }
                 }
             }
             Push::Resumed(note) => {

@@ -10,6 +10,7 @@ mod docs;
 mod drain;
 mod faults;
 mod frames;
+mod frontends;
 mod http_api;
 mod info;
 mod interrupts;

@@ -23,6 +23,7 @@ pub mod event_log;
 pub mod fanout;
 pub mod runs;
 pub mod shared;
+mod threads;
 pub mod users;
 pub mod window;
 

@@ -117,6 +117,24 @@ impl RunTable {
         self.runs.get_key_value(run_id)
     }
 
+    /// `user`'s latest-started run of `agent` in `thread_id` that has not ended.
+    pub fn running_in_thread(
+        &self,
+        user: &UserId,
+        thread_id: &str,
+        agent: &str,
+    ) -> Option<(&RunId, &RunRecord)> {
+        self.runs
+            .iter()
+            .filter(|(_, r)| {
+                r.ended.is_none()
+                    && r.user == *user
+                    && r.agent == agent
+                    && r.thread_id.as_deref() == Some(thread_id)
+            })
+            .max_by_key(|(_, r)| r.started_at)
+    }
+
     /// Checks an event against its run (owner, ledger) and notes a start or an end.
     pub fn admit(&mut self, msg: &Emit, now: Instant) -> Result<Admitted, NotAdmitted> {
         let run = self
