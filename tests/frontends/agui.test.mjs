@@ -130,3 +130,38 @@ test("refusals are JSON errors the client reports", async () => {
   const unauthorized = await run(anonymous, { forwardedProps: { input: "x" } });
   assert.equal(unauthorized.error?.status, 401);
 });
+
+test("an approval ends the stream with the interrupt outcome, and respond lets the run go on", async () => {
+  const a = agent("th-approve");
+  const input = {
+    steps: [{ tool: "calculator", args: { expr: "6*7" }, approve: true }, { text: "done" }],
+  };
+  const { events, error } = await run(a, { forwardedProps: { input } });
+  assert.equal(error, undefined, `the client refused the stream: ${error}`);
+  const runId = events[0].runId;
+  const last = events.at(-1);
+  assert.equal(last.type, "RUN_FINISHED");
+  assert.equal(last.outcome?.type, "interrupt", JSON.stringify(last));
+  const [interrupt] = last.outcome.interrupts;
+  assert.equal(interrupt.reason, "tool_approval");
+  assert.equal(interrupt.metadata?.tool, "calculator");
+  assert.deepEqual(interrupt.metadata?.args, { expr: "6*7" });
+
+  // The run waits; the answer goes through agentcast's own respond.
+  const headers = { Authorization: `Bearer ${bearer}`, "content-type": "application/json" };
+  const answered = await fetch(`${server.url}/v1/runs/${runId}/respond`, {
+    method: "POST",
+    headers,
+    body: JSON.stringify({ interrupt_id: interrupt.id, response: { approved: true, args: { expr: "2*3" } } }),
+  });
+  assert.equal(answered.status, 202, await answered.text());
+  let view;
+  for (let i = 0; i < 200; i++) {
+    view = await (await fetch(`${server.url}/v1/runs/${runId}`, { headers })).json();
+    if (view.status !== "running") break;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  assert.equal(view.status, "succeeded");
+  const executing = view.events.find((e) => e.type === "tool_executing");
+  assert.deepEqual(executing.data.args, { expr: "2*3" });
+});

@@ -156,3 +156,58 @@ test("refusals are JSON errors", async () => {
   const anonymous = new DefaultChatTransport({ api: `${server.url}/v1/ai-sdk/echo` });
   await assert.rejects(send(anonymous, "chat-y", "hi"), /unauthorized/);
 });
+
+test("an approval is a tool-approval-request; once approved the same tool part gets its output", async () => {
+  const input = {
+    steps: [{ tool: "calculator", args: { expr: "6*7" }, approve: true }, { text: "done" }],
+  };
+  const stream = await send(transport("scripted", { input }), "chat-approve");
+  const errors = [];
+  let message;
+  let answered = false;
+  for await (const snapshot of readUIMessageStream({ stream, onError: (e) => errors.push(e) })) {
+    message = snapshot;
+    const tool = snapshot.parts.find((p) => p.type === "dynamic-tool");
+    if (!answered && tool?.state === "approval-requested") {
+      assert.equal(tool.toolName, "calculator");
+      assert.deepEqual(tool.input, { expr: "6*7" });
+      const res = await fetch(`${server.url}/v1/runs/${snapshot.id}/respond`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${bearer}`, "content-type": "application/json" },
+        body: JSON.stringify({ interrupt_id: tool.approval.id, response: { approved: true } }),
+      });
+      assert.equal(res.status, 202, await res.text());
+      answered = true;
+    }
+  }
+  assert.deepEqual(errors, []);
+  assert.ok(answered, "no part reached state approval-requested");
+  const tools = message.parts.filter((p) => p.type === "dynamic-tool");
+  assert.equal(tools.length, 1, JSON.stringify(message.parts));
+  assert.equal(tools[0].state, "output-available");
+  assert.deepEqual(tools[0].output, { value: 42 });
+  assert.equal(message.parts.at(-1).text, "done");
+});
+
+test("a denied approval is a tool part in state output-denied", async () => {
+  const input = { steps: [{ tool: "calculator", args: { expr: "1" }, approve: true }, { text: "skipped" }] };
+  const stream = await send(transport("scripted", { input }), "chat-deny");
+  let message;
+  let answered = false;
+  for await (const snapshot of readUIMessageStream({ stream })) {
+    message = snapshot;
+    const tool = snapshot.parts.find((p) => p.type === "dynamic-tool");
+    if (!answered && tool?.state === "approval-requested") {
+      const res = await fetch(`${server.url}/v1/runs/${snapshot.id}/respond`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${bearer}`, "content-type": "application/json" },
+        body: JSON.stringify({ interrupt_id: tool.approval.id, response: { approved: false } }),
+      });
+      assert.equal(res.status, 202, await res.text());
+      answered = true;
+    }
+  }
+  const tool = message.parts.find((p) => p.type === "dynamic-tool");
+  assert.equal(tool.state, "output-denied", JSON.stringify(message.parts));
+  assert.equal(message.parts.at(-1).text, "skipped");
+});
