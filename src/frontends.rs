@@ -11,7 +11,7 @@ use actix::Actor;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use agentcast_actors::frontends::Encoding;
-use agentcast_actors::router::FindThreadRun;
+use agentcast_actors::router::{FindRefused, FindThreadRun};
 use agentcast_actors::sse::{FollowRun, Joined, SseBody, SseSession};
 use serde_json::{json, Map, Value};
 
@@ -162,8 +162,9 @@ async fn ai_sdk_resume(
         agent,
     };
     let run = match state.router.find_thread_run.send(ask).await {
-        Ok(Some(run)) => run,
-        Ok(None) => return HttpResponse::NoContent().finish(),
+        Ok(Ok(Some(run))) => run,
+        Ok(Ok(None)) => return HttpResponse::NoContent().finish(),
+        Ok(Err(FindRefused::Unavailable)) => return join_refused(Some(Joined::StoreUnavailable)),
         Err(_) => return join_refused(None),
     };
     let follow_run = FollowRun::Running {

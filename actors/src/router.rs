@@ -307,12 +307,18 @@ impl Drop for InspectLease {
 /// The running run of `user`'s thread, if this node runs it: what `GET
 /// /v1/ai-sdk/{agent}/{id}/stream` follows, replayed from its first event.
 #[derive(Message)]
-#[rtype(result = "Option<ThreadRun>")]
+#[rtype(result = "Result<Option<ThreadRun>, FindRefused>")]
 pub struct FindThreadRun {
     pub user: UserId,
     pub thread_id: String,
     /// Only a run of this agent.
     pub agent: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FindRefused {
+    /// The runs are on the shared log (Redis), which is unreachable.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -362,3 +362,59 @@ async fn a_frontend_stream_that_stops_reading_is_cut_off_without_stalling_the_us
     // It got far less than the run: what was queued when it was cut off, no more.
     assert!(read < 1_000_000, "read {read} bytes of a 2 MB run");
 }
+
+/// Section 10: the AI SDK's resume finds a thread's running run started on another node (from
+/// the user's running runs on Redis) and replays it from its start, then follows it live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_finds_the_running_run_on_another_node() {
+    let redis = RedisServer::start();
+    let nodes = spawn_child_nodes(&redis, 2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut tab = a.connect("ivy").await;
+    let steps = json!([{"text": "before"}, {"sleep_ms": 30000}, {"text": "never"}]);
+    tab.send_json(
+        json!({"type": "start_run", "agent": "scripted", "input": {"steps": steps},
+                         "thread_id": "chat-9"}),
+    )
+    .await;
+    let started = tab.next_of_type("agent_started").await;
+    let run_id = started["run_id"].as_str().expect("run id").to_string();
+    tab.next_of_type("partial_result").await;
+
+    let auth = format!("Bearer {}", b.token("ivy"));
+    let other = http_full(
+        b.addr,
+        "GET",
+        "/v1/ai-sdk/echo/chat-9/stream",
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(other.status, 204, "another agent's view of the thread");
+    let mut resumed = Sse::open(
+        b.addr,
+        "/v1/ai-sdk/scripted/chat-9/stream",
+        &[("Authorization", &auth)],
+    )
+    .await;
+    assert_eq!(
+        resumed.head.header("x-agentcast-run-id"),
+        Some(run_id.as_str())
+    );
+    let first = resumed.next_event().await;
+    assert_eq!(
+        first.field("id"),
+        started["seq"].as_u64().map(|s| s.to_string()).as_deref()
+    );
+    assert_eq!(first.data(), json!({"type": "start", "messageId": run_id}));
+    let mut types = Vec::new();
+    while types.last().map(String::as_str) != Some("abort") {
+        if types.len() == 2 {
+            tab.request(json!({"type": "cancel_run", "run_id": run_id}))
+                .await;
+        }
+        let block = resumed.next_event().await;
+        types.push(block.data()["type"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(types, ["text-start", "text-delta", "text-end", "abort"]);
+}

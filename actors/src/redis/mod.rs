@@ -554,6 +554,52 @@ impl RedisLink {
         Ok(true)
     }
 
+    /// The running run of `agent` in `user`'s thread, on any node: its id and the `seq` its
+    /// events come after. Reads the user's running set (at most `--max-runs-per-user` runs).
+    pub async fn thread_run(
+        &self,
+        user: &UserId,
+        thread_id: &str,
+        agent: &str,
+    ) -> Result<Option<(String, u64)>, Unavailable> {
+        let keys = UserKeys::new(user);
+        let mut conn = self.conn.clone();
+        let running: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&keys.running)
+            .query_async(&mut conn)
+            .await?;
+        for run_id in running {
+            let (of_agent, thread, status, first): (
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<u64>,
+            ) = redis::cmd("HMGET")
+                .arg(keys.run(&run_id))
+                .arg(&["agent", "thread", "status", "first"])
+                .query_async(&mut conn)
+                .await?;
+            let matches = of_agent.as_deref() == Some(agent)
+                && thread.as_deref() == Some(thread_id)
+                && status.as_deref() == Some("running");
+            if !matches {
+                continue;
+            }
+            let after_seq = match first {
+                Some(first) => first.saturating_sub(1),
+                // None of its events is numbered yet: each will come after the newest.
+                None => redis::cmd("HGET")
+                    .arg(&keys.meta)
+                    .arg("top")
+                    .query_async::<Option<u64>>(&mut conn)
+                    .await?
+                    .unwrap_or(0),
+            };
+            return Ok(Some((run_id, after_seq)));
+        }
+        Ok(None)
+    }
+
     /// One of `user`'s runs as Redis has it: its record, and its events from the stream, as
     /// the view `GET /v1/runs/{id}` sends (counted by `lease`).
     pub async fn inspect(
