@@ -6,6 +6,8 @@
 //   client.on("event", (e) => console.log(e.seq, e.type, e.data));
 //   await client.connect();
 //   const runId = await client.start("echo", "hello");
+//   // answering a run's question (an `input_requested` event e), e.g. an approval:
+//   await client.respond(e.run_id, e.data.interrupt_id, { approved: true });
 //
 // What it does for you: reconnects with exponential backoff and jitter; resumes from the last
 // `seq` it saw (`?after_seq=&epoch=`) so nothing is lost; tells you when something was lost
@@ -14,11 +16,14 @@
 
 export const PROTOCOL_VERSION = 1;
 
-/** The run event types of PROTOCOL.md section 2, in the order a run can produce them. */
+/** The run event types of PROTOCOL.md section 2, in the order a run can produce them, and
+ *  section 12's questions to the user (`input_requested`, then `input_received`). */
 export const RUN_EVENT_TYPES = Object.freeze([
   "agent_started",
   "agent_thinking",
   "partial_result",
+  "input_requested",
+  "input_received",
   "tool_executing",
   "tool_progress",
   "tool_completed",
@@ -260,6 +265,21 @@ export class AgentcastClient {
   /** Cancels a run; resolves once the server accepted (the run then ends `cancelled`). */
   async cancel(runId) {
     await this._command({ type: "cancel_run", run_id: runId });
+  }
+
+  /**
+   * Answers a run's question (an `input_requested` event, PROTOCOL.md section 12); resolves once
+   * the server took the answer. Every tab of the user then gets `input_received` (this one
+   * too, and not necessarily after the ack). For `kind: "approval"` the response is
+   * `{approved: true|false, args?: {...}}` (`args` replaces the tool's arguments); for `input`,
+   * a value that fits the question's `schema`. Rejects with an `AgentcastError`:
+   * `invalid_field` (the answer does not fit; the message says why and the question stays
+   * open), `interrupt_resolved` (another answer came first, or the question expired),
+   * `run_not_found`, or the client's own `connection_lost` (the answer may or may not have
+   * been taken: the `input_received` that follows tells), `timeout`, `closed`.
+   */
+  async respond(runId, interruptId, response) {
+    await this._command({ type: "respond", run_id: runId, interrupt_id: interruptId, response });
   }
 
   /** Round trip to the server; resolves with the time it took in milliseconds. */

@@ -95,6 +95,24 @@ const PRESETS = [
     ] },
   },
   { id: "many-steps", label: "Many steps", agent: "scripted", input: { steps: manySteps } },
+  {
+    id: "ask", label: "Ask me (approval and a question)", agent: "scripted",
+    input: { steps: [
+      { think: "I need your yes before I use the calculator, and then a detail only you know." },
+      { tool: "calculator", args: { expr: "6*7" }, approve: true },
+      { ask: "Who should get the result, and how many copies?", schema: {
+        type: "object",
+        properties: {
+          recipient: { type: "string", title: "Recipient", minLength: 1, maxLength: 80 },
+          copies: { type: "integer", title: "Copies", minimum: 1, maximum: 10, default: 1 },
+          format: { title: "Format", enum: ["pdf", "html", "text"] },
+          urgent: { type: "boolean", title: "Urgent" },
+        },
+        required: ["recipient", "copies"],
+      } },
+      { text: "Thank you: noted, and done." },
+    ] },
+  },
 ];
 
 const DEFAULT_PRESET = { echo: "echo", scripted: "tools" };
@@ -306,6 +324,7 @@ function onWelcome(w) {
     for (const run of runs.values()) {
       if (run.done) continue;
       setStatus(run, "lost", "lost: the server restarted");
+      retireQuestions(run, "lost", "lost: the server restarted");
       for (const tool of run.tools.values()) {
         if (tool.card.dataset.state === "running") {
           tool.card.dataset.state = "lost";
@@ -439,6 +458,11 @@ function createRun(e) {
     startedTs: parseTs(e.ts),
     startedLocal: Date.now(),
     tools: new Map(),
+    /** interrupt_id -> question view (see renderQuestion) */
+    questions: new Map(),
+    /** input_received that came before its input_requested (a `resume` replay can deliver
+     *  earlier events after later ones): interrupt_id -> {e, line}, line showing it alone */
+    earlyAnswers: new Map(),
     answer: null,
   };
   run.status = el("span", { class: "badge", "data-testid": "run-status", text: "running" });
@@ -475,6 +499,15 @@ function setStatus(run, status, label = status.replace("_", " ")) {
     run.cancel.hidden = true;
   }
   updateRunCount();
+}
+
+/** A running run with an open question waits for its user: the badge says so. */
+function updateWaiting(run) {
+  if (run.done) return;
+  const waiting = [...run.questions.values()].some((q) => q.state === "open");
+  run.card.dataset.waiting = String(waiting);
+  run.status.textContent = waiting ? "waiting for you" : "running";
+  run.status.className = `badge badge-${waiting ? "waiting" : "running"}`;
 }
 
 async function cancelRun(run) {
@@ -518,6 +551,406 @@ function icon(glyph) {
 function errorText(err) {
   if (!err) return "";
   return `${err.code ?? "error"}: ${err.message ?? ""}`;
+}
+
+// ---- questions to the user: approvals and input (PROTOCOL.md section 12) ----------------------
+
+const isPlainObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+
+let nextDomId = 1;
+const domId = (prefix) => `${prefix}-${nextDomId++}`;
+
+/** Keywords that make a schema more than one plain field (or one object of them). */
+const BEYOND_A_FORM = ["const", "oneOf", "anyOf", "allOf", "not", "if", "$ref", "$dynamicRef"];
+
+/** How to ask for a value of `schema` with one form control: {kind, schema}, kind being text,
+ *  number, integer, boolean or enum; null when the schema says more than one control can. */
+function fieldFor(schema) {
+  if (!isPlainObject(schema) || BEYOND_A_FORM.some((k) => Object.hasOwn(schema, k))) return null;
+  if (Object.hasOwn(schema, "enum")) {
+    const ok = Array.isArray(schema.enum) && schema.enum.length > 0 &&
+      schema.enum.every((v) => ["string", "number", "boolean"].includes(typeof v));
+    return ok ? { kind: "enum", schema } : null;
+  }
+  if (["string", "number", "integer", "boolean"].includes(schema.type)) {
+    return { kind: schema.type === "string" ? "text" : schema.type, schema };
+  }
+  return null;
+}
+
+/** The form of an input question: `value` (one control, the answer is its value), `object`
+ *  (a control per property, the answer is an object of the filled ones) or `json` (a JSON
+ *  text area, for every other schema). No schema, or an empty one, takes any answer: a line of
+ *  text. */
+function formFor(schema) {
+  if (schema === undefined || schema === null || schema === true || (isPlainObject(schema) && Object.keys(schema).length === 0)) {
+    return { shape: "value", fields: [{ name: null, required: false, kind: "text", schema: {} }] };
+  }
+  const single = fieldFor(schema);
+  if (single) return { shape: "value", fields: [{ name: null, required: true, ...single }] };
+  if (isPlainObject(schema) && schema.type === "object" && isPlainObject(schema.properties) &&
+      !BEYOND_A_FORM.some((k) => Object.hasOwn(schema, k))) {
+    const required = Array.isArray(schema.required) ? schema.required : [];
+    const fields = Object.entries(schema.properties).map(([name, sub]) => {
+      const field = fieldFor(sub);
+      return field && { name, required: required.includes(name), ...field };
+    });
+    if (fields.length > 0 && fields.every(Boolean) && required.every((r) => Object.hasOwn(schema.properties, r))) {
+      return { shape: "object", fields };
+    }
+  }
+  return { shape: "json" };
+}
+
+/** What a field's schema asks beyond its type, in words. */
+function fieldHint(field) {
+  const s = field.schema;
+  const parts = [];
+  if (field.kind === "integer") parts.push("a whole number");
+  if (field.kind === "number" || field.kind === "integer") {
+    const lo = s.minimum ?? s.exclusiveMinimum;
+    const hi = s.maximum ?? s.exclusiveMaximum;
+    if (typeof lo === "number" && typeof hi === "number") parts.push(`${lo} to ${hi}`);
+    else if (typeof lo === "number") parts.push(`${s.minimum === undefined ? "more than" : "at least"} ${lo}`);
+    else if (typeof hi === "number") parts.push(`${s.maximum === undefined ? "less than" : "at most"} ${hi}`);
+  }
+  if (field.kind === "text") {
+    if (Number.isInteger(s.minLength) && s.minLength > 1) parts.push(`at least ${s.minLength} characters`);
+    if (Number.isInteger(s.maxLength)) parts.push(`at most ${s.maxLength} characters`);
+    if (typeof s.format === "string") parts.push(s.format);
+    if (typeof s.pattern === "string") parts.push(`matching ${s.pattern}`);
+  }
+  if (typeof s.description === "string") parts.unshift(s.description);
+  return parts.join(", ");
+}
+
+/** The control of one field, with its label; `labelledBy` labels a form's only control (the
+ *  question's message is its label). */
+function fieldControl(field, labelledBy) {
+  const s = field.schema;
+  const attrs = {
+    "data-testid": "question-input", "data-field": field.name ?? undefined, "data-kind": field.kind,
+    name: field.name ?? "answer", required: field.required, "aria-labelledby": labelledBy,
+  };
+  let control;
+  switch (field.kind) {
+    case "boolean":
+      control = el("input", { type: "checkbox", ...attrs });
+      control.checked = s.default === true;
+      break;
+    case "enum": {
+      const placeholder = s.default === undefined || !s.enum.includes(s.default);
+      control = el("select", attrs,
+        placeholder ? el("option", { value: "", text: field.required ? "choose…" : "—" }) : null,
+        ...s.enum.map((v, i) => el("option", { value: String(i), text: typeof v === "string" ? v : json(v) })));
+      if (!placeholder) control.value = String(s.enum.indexOf(s.default));
+      break;
+    }
+    case "number":
+    case "integer":
+      control = el("input", {
+        type: "number", inputmode: field.kind === "integer" ? "numeric" : "decimal", step: field.kind === "integer" ? "1" : "any",
+        min: typeof s.minimum === "number" ? s.minimum : undefined, max: typeof s.maximum === "number" ? s.maximum : undefined, ...attrs,
+      });
+      if (typeof s.default === "number") control.value = String(s.default);
+      break;
+    default:
+      control = el("input", { type: "text", ...attrs });
+      if (typeof s.default === "string") control.value = s.default;
+  }
+  const hint = fieldHint(field);
+  const hintEl = hint ? el("span", { class: "field-hint muted", id: domId("q-hint"), text: hint }) : null;
+  if (hintEl) control.setAttribute("aria-describedby", hintEl.id);
+  if (labelledBy) return { control, node: el("div", { class: `question-field${field.kind === "boolean" ? " check" : ""}` }, control, hintEl) };
+  const title = typeof s.title === "string" && s.title ? s.title : field.name;
+  const mark = field.required ? el("span", { class: "required-mark", "aria-hidden": "true", title: "required", text: " *" }) : null;
+  control.id = domId("q-field");
+  const label = el("label", { for: control.id }, title, mark);
+  const node = field.kind === "boolean"
+    ? el("div", { class: "question-field check" }, el("div", { class: "check-row" }, control, label), hintEl)
+    : el("div", { class: "question-field" }, label, control, hintEl);
+  return { control, node };
+}
+
+/** Reads a control: {set, value} (set false: leave the property out), or {problem}. */
+function readField(field, control) {
+  const optional = field.name !== null;
+  switch (field.kind) {
+    case "boolean":
+      return { set: true, value: control.checked };
+    case "enum":
+      if (control.value === "") return optional ? { set: false } : { problem: "Choose one of the options." };
+      return { set: true, value: field.schema.enum[Number(control.value)] };
+    case "number":
+    case "integer":
+      if (control.validity.badInput) return { problem: `${field.name ?? "The answer"} is not a number.` };
+      if (control.value === "") return optional ? { set: false } : { problem: "Enter a number." };
+      return { set: true, value: Number(control.value) };
+    default:
+      if (control.value === "" && optional) return { set: false };
+      return { set: true, value: control.value };
+  }
+}
+
+/** Two JSON values are the same (object keys in any order). */
+function sameJson(a, b) {
+  const canon = (v) => (Array.isArray(v) ? v.map(canon)
+    : isPlainObject(v) ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, canon(v[k])])) : v);
+  return JSON.stringify(canon(a)) === JSON.stringify(canon(b));
+}
+
+function countdown(ms) {
+  const s = Math.ceil(ms / 1000);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+function showExpiry(q) {
+  if (q.expiresAt === null) return;
+  const left = q.expiresAt - Date.now();
+  q.expires.textContent = left > 0 ? `expires in ${countdown(left)}` : "expiring…";
+}
+
+/** The card of an `input_requested`: the question, a form to answer it, and once it is settled
+ *  (`input_received`, from any tab) what became of it. */
+function renderQuestion(run, e) {
+  const d = e.data ?? {};
+  const approval = d.kind === "approval";
+  const messageId = domId("q-msg");
+  const q = {
+    id: d.interrupt_id, kind: approval ? "approval" : "input", state: "open", data: d,
+    expiresAt: parseTs(d.expires_at), controls: [],
+  };
+  q.message = el("p", { class: "question-message", id: messageId, "data-testid": "question-message", text: d.message ?? "" });
+  q.expires = el("span", {
+    class: "question-expires muted small", "data-testid": "question-expires", "data-expires-at": d.expires_at,
+    title: q.expiresAt === null ? `expires at ${d.expires_at}` : `expires at ${new Date(q.expiresAt).toLocaleString()}`,
+  });
+  q.error = el("p", { class: "error question-error", id: domId("q-err"), "data-testid": "question-error", role: "alert" });
+  q.note = el("p", { class: "question-note", "data-testid": "question-note", role: "status" });
+
+  const title = el("div", { class: "question-title" });
+  if (approval) {
+    title.append(el("strong", { text: "Approval needed" }), " to run ",
+      el("strong", { class: "tool-name", "data-testid": "question-tool", text: d.tool ?? "?" }),
+      d.tool_call_id ? el("span", { class: "muted small", text: ` ${d.tool_call_id}` }) : null);
+  } else {
+    title.append(el("strong", { text: "Question" }));
+  }
+  // Shown once settled, in place of the form: what was asked.
+  q.asked = approval
+    ? el("pre", { class: `json args${isEmpty(d.args) ? " no-args" : ""}`, "data-testid": "question-asked-args", text: json(d.args ?? {}, true), hidden: true })
+    : null;
+
+  q.fieldset = el("fieldset", { class: "question-fieldset" });
+  q.form = el("form", { class: "question-form", "data-testid": "question-form", novalidate: true, "aria-labelledby": messageId }, q.fieldset);
+  const actions = el("div", { class: "question-actions" });
+  if (approval) {
+    const text = JSON.stringify(d.args ?? {}, null, 2);
+    q.args = el("textarea", { id: domId("q-args"), rows: Math.min(12, text.split("\n").length), spellcheck: "false", "data-testid": "question-args" });
+    q.args.value = text;
+    q.fieldset.append(el("div", { class: "question-field" },
+      el("label", { for: q.args.id }, "Arguments ", el("span", { class: "muted", text: "(JSON: edit them to change the call)" })), q.args));
+    actions.append(
+      el("button", { type: "submit", class: "primary small-btn", "data-testid": "approve-button", text: "Approve" }),
+      el("button", { type: "button", class: "danger small-btn", "data-testid": "deny-button", text: "Deny", onclick: () => deny(run, q) }));
+  } else {
+    q.plan = formFor(d.schema);
+    if (q.plan.shape === "json") {
+      q.json = el("textarea", { id: domId("q-json"), rows: 4, spellcheck: "false", "data-testid": "question-input", "data-kind": "json" });
+      if (isPlainObject(d.schema) && d.schema.default !== undefined) q.json.value = json(d.schema.default, true);
+      q.fieldset.append(el("div", { class: "question-field" },
+        el("label", { for: q.json.id }, "Answer ", el("span", { class: "muted", text: "(JSON that fits the schema)" })), q.json),
+      el("details", { class: "schema-details" }, el("summary", { text: "schema" }),
+        el("pre", { class: "json args", "data-testid": "question-schema", text: json(d.schema, true) })));
+    } else {
+      for (const field of q.plan.fields) {
+        const { control, node } = fieldControl(field, q.plan.shape === "value" ? messageId : null);
+        q.controls.push({ field, control });
+        q.fieldset.append(node);
+      }
+      if (q.plan.fields.some((f) => f.required && f.name !== null)) {
+        actions.append(el("span", { class: "muted small", text: "* required" }));
+      }
+    }
+    actions.prepend(el("button", { type: "submit", class: "primary small-btn", "data-testid": "question-submit", text: "Send answer" }));
+  }
+  actions.append(el("span", { class: "spacer" }), q.expires);
+  q.fieldset.append(actions);
+  q.form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    if (approval) approve(run, q);
+    else sendInput(run, q);
+  });
+
+  q.card = el("li", {
+    class: "question-card", "data-testid": "question-card", "data-interrupt-id": d.interrupt_id, "data-kind": q.kind,
+    "data-tool": approval ? d.tool : undefined, "data-state": "open", role: "group", "aria-labelledby": messageId,
+  },
+  eventEl("div", e, "question-ask", icon(approval ? "⚑\uFE0E" : "?"),
+    el("span", { class: "ev-body" }, title, q.message, q.asked)),
+  q.form, q.error, q.note);
+  showExpiry(q);
+  run.questions.set(q.id, q);
+  run.timeline.append(q.card);
+  updateWaiting(run);
+
+  const early = run.earlyAnswers.get(q.id);
+  if (early) {
+    run.earlyAnswers.delete(q.id);
+    early.line.parentElement?.remove();
+    settleQuestion(run, q, early.e);
+  }
+}
+
+/** What became of a question, in words: "answered: …", "approved", "approved with args …",
+ *  "denied" or "expired". `kind` is null when the question itself is not known. */
+function settledText(d, kind) {
+  if (d.expired) return "expired";
+  const r = d.response;
+  const looksLikeApproval = isPlainObject(r) && typeof r.approved === "boolean" &&
+    Object.keys(r).every((k) => k === "approved" || k === "args");
+  if (kind === "approval" || (kind === null && looksLikeApproval)) {
+    if (!r?.approved) return "denied";
+    return isPlainObject(r.args) ? `approved with args ${json(r.args)}` : "approved";
+  }
+  return `answered: ${typeof r === "string" ? r : json(r)}`;
+}
+
+/** The line of an `input_received`. */
+function settledLine(e, q) {
+  const d = e.data ?? {};
+  const text = settledText(d, q ? q.kind : null);
+  const outcome = d.expired ? "expired" : text.startsWith("denied") ? "denied" : "answered";
+  const glyph = { expired: "⌛\uFE0E", denied: "✗", answered: "✓" }[outcome];
+  return eventEl("div", e, `question-done is-${outcome}`,
+    el("span", { class: "ev-body" }, el("span", { class: `question-outcome ${outcome === "answered" ? "ok" : outcome === "denied" ? "bad" : "muted"}`, text: `${glyph} ` }),
+      el("span", { "data-testid": "question-settled", "data-outcome": outcome, text })));
+}
+
+/** Closes the card: no more answers from this tab; `line` says why. */
+function closeQuestion(run, q, state, line) {
+  q.state = state;
+  q.card.dataset.state = state;
+  q.form.remove();
+  q.error.textContent = "";
+  if (q.asked) q.asked.hidden = false;
+  q.card.append(line);
+  updateWaiting(run);
+}
+
+function settleQuestion(run, q, e) {
+  if (q.state !== "open") return;
+  const d = e.data ?? {};
+  const state = d.expired ? "expired" : q.kind === "approval" ? (d.response?.approved ? "approved" : "denied") : "answered";
+  closeQuestion(run, q, state, settledLine(e, q));
+}
+
+/** Questions still open when their run can no longer settle them (it ended without their
+ *  `input_received`, or the server lost the history): close them as `state`. */
+function retireQuestions(run, state, text) {
+  for (const q of run.questions.values()) {
+    if (q.state === "open") {
+      closeQuestion(run, q, state, el("div", { class: "question-done muted" },
+        el("span", { "data-testid": "question-settled", "data-outcome": state, text })));
+    }
+  }
+}
+
+function approve(run, q) {
+  let args;
+  try {
+    args = JSON.parse(q.args.value);
+  } catch (err) {
+    return refuseLocally(q, `The arguments are not valid JSON: ${err.message}`, q.args);
+  }
+  if (!isPlainObject(args)) return refuseLocally(q, "The arguments must be a JSON object, as the tool takes them.", q.args);
+  // Edited arguments replace the call's; unchanged ones are not sent back.
+  const response = sameJson(args, q.data.args ?? {}) ? { approved: true } : { approved: true, args };
+  return sendResponse(run, q, response);
+}
+
+function deny(run, q) {
+  return sendResponse(run, q, { approved: false });
+}
+
+function sendInput(run, q) {
+  if (q.json) {
+    try {
+      return sendResponse(run, q, JSON.parse(q.json.value));
+    } catch (err) {
+      return refuseLocally(q, `The answer is not valid JSON: ${err.message}`, q.json);
+    }
+  }
+  let response = q.plan.shape === "object" ? {} : undefined;
+  for (const { field, control } of q.controls) {
+    const read = readField(field, control);
+    if (read.problem) return refuseLocally(q, read.problem, control);
+    if (!read.set) continue;
+    if (field.name === null) response = read.value;
+    else response[field.name] = read.value;
+  }
+  return sendResponse(run, q, response);
+}
+
+/** Shows what is wrong with an answer under the form, on `control` too when known. */
+function refuseLocally(q, message, control = null) {
+  q.error.textContent = message;
+  markInvalid(q, control);
+  control?.focus();
+}
+
+function markInvalid(q, control) {
+  for (const c of q.form.querySelectorAll("[aria-invalid]")) c.removeAttribute("aria-invalid");
+  if (control) {
+    control.setAttribute("aria-invalid", "true");
+    control.setAttribute("aria-errormessage", q.error.id);
+  }
+}
+
+/** The control a schema refusal is about: the validator names it as a JSON pointer
+ *  ("… at /copies: 0 is less than the minimum of 1") or as a missing property ("… schema:
+ *  "recipient" is a required property"). */
+function controlOfRefusal(q, message) {
+  if (q.json) return q.json;
+  if (q.args) return q.args;
+  const at = / at \/([^/:\s]+)/.exec(message);
+  const missing = /schema: "((?:[^"\\]|\\.)*)" is a required property/.exec(message);
+  const name = at ? at[1].replace(/~1/g, "/").replace(/~0/g, "~") : missing ? missing[1] : null;
+  const hit = q.controls.find(({ field }) => field.name !== null && field.name === name);
+  return hit ? hit.control : q.controls.length === 1 ? q.controls[0].control : null;
+}
+
+async function sendResponse(run, q, response) {
+  if (q.state !== "open") return;
+  q.error.textContent = "";
+  q.note.textContent = "";
+  markInvalid(q, null);
+  q.fieldset.disabled = true;
+  q.card.dataset.sending = "true";
+  try {
+    await client.respond(run.id, q.id, response);
+    // Taken: every tab (this one too) now gets input_received, which closes the card.
+  } catch (err) {
+    if (err.code === "interrupt_resolved") {
+      // Answered in another tab first, or expired: its input_received closes the card.
+      q.note.textContent = "Already settled: answered in another tab, or it expired.";
+      return;
+    }
+    if (q.state !== "open") return;
+    q.fieldset.disabled = false;
+    if (err.code === "invalid_field") {
+      // The answer does not fit: the question stays open for a better one.
+      refuseLocally(q, err.message, controlOfRefusal(q, err.message));
+    } else if (err.code === "connection_lost") {
+      q.error.textContent = "The connection dropped before the server answered: if the question is still open, send it again.";
+    } else {
+      q.error.textContent = `${err.code ? `${err.code}: ` : ""}${err.message}`;
+    }
+  } finally {
+    delete q.card.dataset.sending;
+  }
 }
 
 function renderEvent(e) {
@@ -619,6 +1052,21 @@ function renderInto(run, e) {
       else if (d.ok) tool.progress.value = 1;
       break;
     }
+    case "input_requested":
+      renderQuestion(run, e);
+      break;
+    case "input_received": {
+      const q = run.questions.get(d.interrupt_id);
+      if (q) {
+        settleQuestion(run, q, e);
+      } else {
+        // Its question has not arrived (yet): show the answer alone; renderQuestion takes it.
+        const line = settledLine(e, null);
+        run.timeline.append(el("li", { class: "question-orphan" }, line));
+        run.earlyAnswers.set(d.interrupt_id, { e, line });
+      }
+      break;
+    }
     case "agent_completed": {
       const status = d.status ?? "unknown";
       const body = el("span", { class: "ev-body" },
@@ -633,6 +1081,9 @@ function renderInto(run, e) {
       run.timeline.append(eventEl("li", e, `completed completed-${status}`,
         icon(status === "succeeded" ? "✓" : status === "failed" ? "✗" : "■"), body));
       run.elapsed.textContent = formatMs(d.duration_ms);
+      // The server settles every open question before this event; a question still open here
+      // lost its input_received (history the server no longer kept).
+      retireQuestions(run, "closed", "closed: the run ended");
       setStatus(run, status);
       break;
     }
@@ -641,10 +1092,12 @@ function renderInto(run, e) {
   }
 }
 
-// While runs are going, show how long they have been.
+// While runs are going, show how long they have been, and how long their questions stay open.
 setInterval(() => {
   for (const run of runs.values()) {
-    if (!run.done) run.elapsed.textContent = formatMs(Date.now() - run.startedLocal);
+    if (run.done) continue;
+    run.elapsed.textContent = formatMs(Date.now() - run.startedLocal);
+    for (const q of run.questions.values()) if (q.state === "open") showExpiry(q);
   }
 }, 250);
 

@@ -360,6 +360,46 @@ describe("AgentcastClient", () => {
     await assert.rejects(client.start("echo", "x"), (e) => e.code === "closed");
   });
 
+  test("respond sends the answer, resolves on ack, rejects with the server's code and message", async () => {
+    const net = fakeNetwork();
+    const { client } = newClient(net);
+    client.connect();
+    const ws = await net.next();
+    ws.accept({ epoch: "E1", last_seq: 0 });
+    await tick();
+
+    const approved = client.respond("run_1", "in_1", { approved: true, args: { expr: "7*8" } });
+    await tick();
+    const frame = ws.sent[0];
+    assert.deepEqual({ ...frame, request_id: undefined }, {
+      type: "respond", run_id: "run_1", interrupt_id: "in_1", response: { approved: true, args: { expr: "7*8" } }, request_id: undefined,
+    });
+    ws.recv({ type: "ack", request_id: frame.request_id });
+    assert.equal(await approved, undefined);
+
+    const refusals = [
+      ["invalid_field", "the response does not fit the question's schema at /n: 0 is less than the minimum of 1"],
+      ["interrupt_resolved", "the question was already settled (answered, or expired)"],
+      ["run_not_found", "no such run"],
+    ];
+    for (const [code, message] of refusals) {
+      const answer = client.respond("run_1", "in_2", { n: 0 });
+      await tick();
+      const sent = ws.sent.at(-1);
+      assert.equal(sent.type, "respond");
+      ws.recv({ type: "error", request_id: sent.request_id, code, message });
+      await assert.rejects(answer, (e) => e instanceof AgentcastError && e.code === code && e.message === message && e.frame.code === code);
+    }
+    // A falsy answer is still an answer.
+    const zero = client.respond("run_1", "in_3", 0);
+    await tick();
+    assert.equal(ws.sent.at(-1).response, 0);
+    assert.ok("response" in ws.sent.at(-1));
+    ws.recv({ type: "ack", request_id: ws.sent.at(-1).request_id });
+    await zero;
+    client.close();
+  });
+
   test("a command with no answer times out", async () => {
     const net = fakeNetwork();
     const { client } = newClient(net, { commandTimeoutMs: 30 });

@@ -3,7 +3,7 @@
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdirSync, existsSync } from "node:fs";
+import { mkdirSync, existsSync, readFileSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -58,6 +58,46 @@ export async function startServer(extraArgs = []) {
   };
 }
 
+/** The page's files: the binary embeds them (src/web.rs), so it serves them as they were when
+ *  it was built. */
+const WEB_ASSETS = { "/": "index.html", "/agentcast.js": "agentcast.js", "/app.js": "app.js", "/style.css": "style.css" };
+const WEB_TYPES = { html: "text/html; charset=utf-8", js: "text/javascript; charset=utf-8", css: "text/css; charset=utf-8" };
+/** `AGENTCAST_WEB_DIR=web` serves the page's files from that directory (relative to the
+ *  repository) instead of the binary's copies: for working on the page without a rebuild. */
+export const WEB_DIR = process.env.AGENTCAST_WEB_DIR ? path.resolve(ROOT, process.env.AGENTCAST_WEB_DIR) : null;
+
+let assetsChecked = null;
+/** Without AGENTCAST_WEB_DIR, checks once that the server serves web/ as it is on disk: a
+ *  binary built before the page was edited would otherwise test the old page. */
+async function checkAssets(url) {
+  if (WEB_DIR) return;
+  assetsChecked ??= (async () => {
+    const stale = [];
+    for (const [route, file] of Object.entries(WEB_ASSETS)) {
+      const served = await (await fetch(`${url}${route}`)).text();
+      if (served !== readFileSync(path.join(ROOT, "web", file), "utf8")) stale.push(`web/${file}`);
+    }
+    if (stale.length) {
+      throw new Error(`${BIN} serves an older ${stale.join(", ")} (the page is embedded when it is built): ` +
+        "rebuild it (cargo build), or set AGENTCAST_WEB_DIR=web to serve web/ from disk");
+    }
+  })();
+  await assetsChecked;
+}
+
+/** With AGENTCAST_WEB_DIR, makes `context` get the page's files from there. */
+async function routeAssets(context) {
+  if (!WEB_DIR) return;
+  await context.route((url) => Object.hasOwn(WEB_ASSETS, url.pathname), (route) => {
+    const file = WEB_ASSETS[new URL(route.request().url()).pathname];
+    route.fulfill({
+      status: 200,
+      headers: { "Content-Type": WEB_TYPES[file.split(".").pop()], "Cache-Control": "no-cache" },
+      body: readFileSync(path.join(WEB_DIR, file)),
+    });
+  });
+}
+
 export async function launchBrowser() {
   if (!existsSync(CHROMIUM)) throw new Error(`no Chromium at ${CHROMIUM}: apt-get install chromium`);
   return chromium.launch({
@@ -71,6 +111,9 @@ export async function launchBrowser() {
       "--disable-background-networking",
       "--disable-component-update",
       "--disable-sync",
+      // A page whose document came from a route (AGENTCAST_WEB_DIR) is not on the loopback
+      // address as far as Chromium knows: let it open its WebSocket to the local server anyway.
+      ...(WEB_DIR ? ["--disable-features=LocalNetworkAccessChecks"] : []),
     ],
   });
 }
@@ -162,13 +205,16 @@ export function allEvents(page) {
 /**
  * A TCP proxy in front of `port`: the page is loaded through it, so its WebSocket goes through
  * it too. `cut()` destroys every proxied connection (as a network failure or a server that
- * drops sockets would); `refuseFor(ms)` makes new connections fail for a while.
+ * drops sockets would); `refuseFor(ms)` makes new connections fail for a while; `hold()` keeps
+ * what the server sends from the page (a slow network: the page's own frames still go out)
+ * until `release()`.
  */
 export async function startProxy(targetPort) {
   const sockets = new Set();
   let refuseUntil = 0;
   let target = targetPort;
   let accepted = 0;
+  let held = null;
   const server = net.createServer((client) => {
     if (Date.now() < refuseUntil) {
       client.destroy();
@@ -187,7 +233,10 @@ export async function startProxy(targetPort) {
     client.on("error", drop).on("close", drop);
     upstream.on("error", drop).on("close", drop);
     client.pipe(upstream);
-    upstream.pipe(client);
+    upstream.on("data", (chunk) => {
+      if (held) held.push([client, chunk]);
+      else client.write(chunk);
+    });
   });
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
   const port = server.address().port;
@@ -208,6 +257,15 @@ export async function startProxy(targetPort) {
     },
     refuseFor(ms) {
       refuseUntil = Date.now() + ms;
+    },
+    hold() {
+      held ??= [];
+    },
+    release() {
+      const chunks = held ?? [];
+      held = null;
+      for (const [client, chunk] of chunks) if (!client.destroyed) client.write(chunk);
+      return chunks.length;
     },
     async close() {
       this.cut();
@@ -237,6 +295,12 @@ export function browserTest(name, fn, { timeout = 60_000, serverArgs = [], shot 
   test(name, { timeout }, async () => {
     browser ??= await launchBrowser();
     const server = await startServer(serverArgs);
+    try {
+      await checkAssets(server.url);
+    } catch (e) {
+      await server.stop();
+      throw e;
+    }
     const problems = [];
     const contexts = [];
     const pages = [];
@@ -245,9 +309,12 @@ export function browserTest(name, fn, { timeout = 60_000, serverArgs = [], shot 
       server,
       browser,
       problems,
-      async context() {
-        const c = await browser.newContext({ viewport: { width: 1400, height: 1000 } });
+      /** A new browser context (a browser profile: its own sessionStorage); `options` go to
+       *  browser.newContext (e.g. a smaller viewport). */
+      async context(options = {}) {
+        const c = await browser.newContext({ viewport: { width: 1400, height: 1000 }, ...options });
         contexts.push(c);
+        await routeAssets(c);
         return c;
       },
       /** A new page (tab) in `context` (default: a new context); `label` names its

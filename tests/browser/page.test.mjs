@@ -35,7 +35,7 @@ browserTest("the page loads and signs in", async ({ server, page }) => {
   assert.equal(await p.isVisible(sel("signin")), false);
   const agents = await p.$$eval(`${sel("agent-select")} option`, (os) => os.map((o) => o.value));
   assert.ok(agents.includes("echo") && agents.includes("scripted"), `agents ${agents}`);
-  for (const preset of ["echo", "tools", "failing-tool", "tool-panic", "agent-panic", "agent-fail", "long-sleep", "many-steps"]) {
+  for (const preset of ["echo", "tools", "failing-tool", "tool-panic", "agent-panic", "agent-fail", "long-sleep", "many-steps", "ask"]) {
     assert.ok(await p.isVisible(sel(`preset-${preset}`)), `preset ${preset}`);
   }
   const tools = await p.$$eval(`${sel("tool-list")} code`, (cs) => cs.map((c) => c.textContent));

@@ -7,6 +7,10 @@
 #
 # Needs node (18+), npm and /usr/bin/chromium (apt-get install chromium). Screenshots go to
 # target/browser-screenshots/. Extra arguments go to `node --test` (e.g. a file name).
+#
+# The binary embeds web/ when it is built: the tests stop at once if it serves an older page
+# than web/ holds. AGENTCAST_WEB_DIR=web makes the browser get the page's files from disk
+# instead (for working on the page without rebuilding; the check is then skipped).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
