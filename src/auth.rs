@@ -30,6 +30,12 @@ pub struct Claims {
     /// by the verifier (jsonwebtoken does not look at `iat`).
     #[serde(default, skip_serializing)]
     pub iat: Option<serde_json::Value>,
+    /// `"publish"` on a publisher's token (section 11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// On a publisher token for one run alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// Why a request's token was refused. All of them are a 401; the message helps the caller
@@ -134,14 +140,31 @@ impl Signer {
         }
     }
 
-    /// A token for `sub` that expires at `exp_unix_secs`.
+    /// A user's token for `sub` that expires at `exp_unix_secs`.
     pub fn sign(&self, sub: &str, exp_unix_secs: u64) -> String {
+        self.sign_claims(sub, exp_unix_secs, None, None)
+    }
+
+    /// A publisher's token (section 11) for the service `sub`; with `run`, for that run alone.
+    pub fn sign_publisher(&self, sub: &str, exp_unix_secs: u64, run: Option<&str>) -> String {
+        self.sign_claims(sub, exp_unix_secs, Some("publish"), run)
+    }
+
+    fn sign_claims(
+        &self,
+        sub: &str,
+        exp_unix_secs: u64,
+        scope: Option<&str>,
+        run: Option<&str>,
+    ) -> String {
         let claims = Claims {
             sub: sub.to_string(),
             exp: exp_unix_secs,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
             iat: None,
+            scope: scope.map(str::to_string),
+            run: run.map(str::to_string),
         };
         // HMAC signing of a plain struct has no failure mode.
         encode(

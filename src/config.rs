@@ -192,6 +192,30 @@ pub struct Config {
     )]
     pub allowed_origins: Vec<String>,
 
+    /// An agent outside the server (PROTOCOL.md section 11) that users start like the server's
+    /// own: on `start_run` the server POSTs the run to URL, which then publishes its events.
+    /// Repeatable; the variable is a comma-separated list.
+    #[arg(
+        long = "webhook-agent",
+        env = "AGENTCAST_WEBHOOK_AGENTS",
+        value_delimiter = ',',
+        value_name = "NAME=URL"
+    )]
+    pub webhook_agents: Vec<String>,
+
+    /// A published run with no batch of events for this long ends `timed_out`.
+    #[arg(long, env = "AGENTCAST_PUBLISH_IDLE_MS", default_value_t = 60_000)]
+    pub publish_idle_ms: u64,
+
+    /// Largest body of a publisher's request (a batch of events), in bytes.
+    #[arg(long, env = "AGENTCAST_PUBLISH_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub publish_max_body_bytes: usize,
+
+    /// This server's URL as webhook agents reach it (their `events_url`); by default
+    /// `http://` and the address it is bound to.
+    #[arg(long, env = "AGENTCAST_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
     /// Connections the server accepts at once, over all workers.
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -229,6 +253,10 @@ impl Default for Config {
             runs_per_minute: 120,
             max_connections_per_user: 32,
             allowed_origins: Vec::new(),
+            webhook_agents: Vec::new(),
+            publish_idle_ms: 60_000,
+            publish_max_body_bytes: 1024 * 1024,
+            public_url: None,
             max_connections: 100_000,
         }
     }
@@ -265,6 +293,10 @@ impl std::fmt::Debug for Config {
             .field("runs_per_minute", &self.runs_per_minute)
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("allowed_origins", &self.allowed_origins)
+            .field("webhook_agents", &self.webhook_agents)
+            .field("publish_idle_ms", &self.publish_idle_ms)
+            .field("publish_max_body_bytes", &self.publish_max_body_bytes)
+            .field("public_url", &self.public_url)
             .field("max_connections", &self.max_connections)
             .finish()
     }
@@ -287,6 +319,11 @@ pub enum ConfigError {
     BadNodeId,
     NodeTimeoutTooShort,
     Zero(&'static str),
+    /// A `--webhook-agent` that is not `NAME=URL` with an http URL: the entry and why.
+    BadWebhookAgent(String, &'static str),
+    /// `--webhook-agent` on a server that cannot sign its per-run tokens.
+    WebhookWithoutSecret,
+    BadPublicUrl(String),
 }
 
 impl std::fmt::Display for ConfigError {
@@ -327,6 +364,17 @@ impl std::fmt::Display for ConfigError {
                  shorter one takes live nodes for lost"
             ),
             ConfigError::Zero(name) => write!(f, "--{name} must be greater than 0"),
+            ConfigError::BadWebhookAgent(entry, why) => {
+                write!(f, "--webhook-agent {entry:?}: {why}")
+            }
+            ConfigError::WebhookWithoutSecret => write!(
+                f,
+                "--webhook-agent needs --jwt-secret (or dev mode): the server signs each                  webhook run's publisher token"
+            ),
+            ConfigError::BadPublicUrl(url) => write!(
+                f,
+                "--public-url {url:?} must be an http:// or https:// URL without a path, query                  or trailing slash, e.g. https://agentcast.example.com"
+            ),
         }
     }
 }
@@ -381,6 +429,17 @@ impl Config {
             }
         }
         self.origin_policy().map_err(ConfigError::BadOrigin)?;
+        if !self.webhook_urls()?.is_empty() && self.signer().is_none() {
+            return Err(ConfigError::WebhookWithoutSecret);
+        }
+        if let Some(url) = &self.public_url {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if !rest.is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#'])) {
+                return Err(ConfigError::BadPublicUrl(url.clone()));
+            }
+        }
         if let Some(url) = &self.redis_url {
             agentcast_actors::redis::check_url(url).map_err(ConfigError::BadRedisUrl)?;
         }
@@ -410,6 +469,8 @@ impl Config {
             ("max-connections", self.max_connections as u64),
             ("jwt-key-check-ms", self.jwt_key_check_ms),
             ("runs-per-minute", self.runs_per_minute as u64),
+            ("publish-idle-ms", self.publish_idle_ms),
+            ("publish-max-body-bytes", self.publish_max_body_bytes as u64),
             (
                 "max-connections-per-user",
                 self.max_connections_per_user as u64,
@@ -495,6 +556,28 @@ impl Config {
 
     pub fn run_timeout(&self) -> Duration {
         Duration::from_millis(self.run_timeout_ms)
+    }
+
+    /// The webhook agents, by name: their URLs.
+    pub fn webhook_urls(&self) -> Result<std::collections::HashMap<String, String>, ConfigError> {
+        let mut urls = std::collections::HashMap::new();
+        for entry in &self.webhook_agents {
+            let bad = |why| ConfigError::BadWebhookAgent(entry.clone(), why);
+            let (name, url) = entry
+                .split_once('=')
+                .ok_or_else(|| bad("it must be NAME=URL"))?;
+            agentcast_actors::publish::check_agent_name(name)
+                .map_err(|_| bad("NAME must be 1 to 64 printable characters"))?;
+            if !url.starts_with("http://") || url.len() <= "http://".len() {
+                return Err(bad(
+                    "URL must be http://... (https is not supported yet: put a proxy in front)",
+                ));
+            }
+            if urls.insert(name.to_string(), url.to_string()).is_some() {
+                return Err(bad("NAME is given twice"));
+            }
+        }
+        Ok(urls)
     }
 
     pub fn interrupt_timeout(&self) -> Duration {

@@ -135,6 +135,13 @@ struct TokenClaims {
     sub: String,
     #[serde(default)]
     iat: Option<Value>,
+    /// `"publish"` for a publisher's token (PROTOCOL.md section 11); anything else, or none,
+    /// is a user's token (an identity provider's OAuth `scope` list among them).
+    #[serde(default)]
+    scope: Option<Value>,
+    /// A publisher token for one run alone (a webhook agent's).
+    #[serde(default)]
+    run: Option<Value>,
     /// Every other claim, read only so that it is checked: RFC 7519 wants the claims to be
     /// valid JSON, and serde skips unread values without looking (found by fuzzing).
     #[serde(flatten)]
@@ -203,6 +210,11 @@ impl Verifier {
     /// (those of its algorithm; for a `kid` that names keys of a JWKS file, only those); the
     /// first whose signature matches decides: its claims must then be valid now.
     pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+        self.verify_principal(token).map(|p| p.sub)
+    }
+
+    /// As [`verify`](Self::verify), with what the token may do: act as a user, or publish.
+    pub fn verify_principal(&self, token: &str) -> Result<Principal, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -246,8 +258,24 @@ impl Verifier {
     }
 }
 
-/// The checks jsonwebtoken leaves to us: `iat` not in the future, and the user id.
-fn check_claims(claims: TokenClaims) -> Result<String, AuthError> {
+/// Who a verified token speaks for, and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// A user's id, or a publishing service's name.
+    pub sub: String,
+    pub scope: Scope,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Opens the user's streams, starts and answers the user's runs.
+    User,
+    /// Publishes runs for users (section 11): its own, or only `run` when set.
+    Publisher { run: Option<String> },
+}
+
+/// The checks jsonwebtoken leaves to us: `iat` not in the future, the user id, and the scope.
+fn check_claims(claims: TokenClaims) -> Result<Principal, AuthError> {
     if let Some(iat) = &claims.iat {
         match numeric_date(iat) {
             Some(iat) if iat > auth::now_unix() as f64 => return Err(AuthError::NotYetValid),
@@ -258,7 +286,20 @@ fn check_claims(claims: TokenClaims) -> Result<String, AuthError> {
     if !auth::valid_user_id(&claims.sub) {
         return Err(AuthError::BadSubject);
     }
-    Ok(claims.sub)
+    let scope = match (&claims.scope, &claims.run) {
+        (Some(Value::String(s)), None) if s == "publish" => Scope::Publisher { run: None },
+        (Some(Value::String(s)), Some(Value::String(run))) if s == "publish" => Scope::Publisher {
+            run: Some(run.clone()),
+        },
+        // A run named where it means nothing, or not as a string: not a token we made.
+        (Some(Value::String(s)), Some(_)) if s == "publish" => return Err(AuthError::Invalid),
+        (_, Some(_)) => return Err(AuthError::Invalid),
+        _ => Scope::User,
+    };
+    Ok(Principal {
+        sub: claims.sub,
+        scope,
+    })
 }
 
 fn refusal(kind: &ErrorKind) -> AuthError {
@@ -543,8 +584,8 @@ impl KeyStore {
     }
 
     /// Checks a token with the verifier in force now.
-    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
-        self.verifier().verify(token)
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verifier().verify_principal(token)
     }
 
     /// True when keys come from files (and so may be reloaded).
@@ -646,6 +687,45 @@ mod tests {
             secrets: secrets.iter().map(|s| s.to_string()).collect(),
             ..KeySettings::default()
         }
+    }
+
+    #[test]
+    fn scopes_are_read_from_the_claims() {
+        let v = Verifier::hs256("s");
+        let exp = now_unix() + 60;
+        let scope = |claims: Value| v.verify_principal(&hs("s", &claims)).map(|p| p.scope);
+        assert_eq!(scope(json!({"sub": "a", "exp": exp})), Ok(Scope::User));
+        assert_eq!(
+            scope(json!({"sub": "a", "exp": exp, "scope": "openid profile"})),
+            Ok(Scope::User),
+            "an identity provider's OAuth scopes are a user's"
+        );
+        assert_eq!(
+            scope(json!({"sub": "svc", "exp": exp, "scope": "publish"})),
+            Ok(Scope::Publisher { run: None })
+        );
+        assert_eq!(
+            scope(json!({"sub": "svc", "exp": exp, "scope": "publish", "run": "run_1"})),
+            Ok(Scope::Publisher {
+                run: Some("run_1".into())
+            })
+        );
+        for odd in [
+            json!({"sub": "a", "exp": exp, "run": "run_1"}),
+            json!({"sub": "a", "exp": exp, "scope": "publish", "run": 5}),
+        ] {
+            assert_eq!(scope(odd.clone()), Err(AuthError::Invalid), "{odd}");
+        }
+        let signer = crate::auth::Signer::new("s", None, None);
+        assert_eq!(
+            v.verify_principal(&signer.sign_publisher("svc", exp, Some("run_2"))),
+            Ok(Principal {
+                sub: "svc".into(),
+                scope: Scope::Publisher {
+                    run: Some("run_2".into())
+                }
+            })
+        );
     }
 
     #[test]
@@ -1035,18 +1115,18 @@ mod tests {
         std::fs::write(&path, fixture!("ed-other.pub.pem")).unwrap();
         store.reload("test").unwrap();
         assert!(store.verify(&by_first).is_err());
-        assert_eq!(store.verify(&by_second), Ok("b".into()));
+        assert_eq!(store.verify(&by_second).map(|p| p.sub), Ok("b".into()));
         std::fs::write(&path, b"not a key").unwrap();
         assert!(store.reload("test").is_err());
         assert_eq!(
-            store.verify(&by_second),
+            store.verify(&by_second).map(|p| p.sub),
             Ok("b".into()),
             "the old keys stay"
         );
         std::fs::remove_file(&path).unwrap();
         assert!(store.reload("test").is_err());
         assert_eq!(
-            store.verify(&by_second),
+            store.verify(&by_second).map(|p| p.sub),
             Ok("b".into()),
             "the old keys stay"
         );

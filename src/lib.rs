@@ -11,6 +11,7 @@ pub mod keys;
 pub mod limits;
 pub mod logging;
 pub mod origins;
+pub mod publish;
 pub mod routes;
 pub mod runs;
 pub mod server;

@@ -34,6 +34,10 @@ enum Command {
         /// How long the token is valid.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
+        /// A publisher's token (PROTOCOL.md section 11): USER names the publishing service,
+        /// which may then publish runs for any user.
+        #[arg(long)]
+        publisher: bool,
         #[arg(long, env = "AGENTCAST_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
         /// The `iss` the server checks (`serve --jwt-issuer`).
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
         Some(Command::Token {
             user,
             ttl_secs,
+            publisher,
             jwt_secret,
             jwt_issuer,
             jwt_audience,
@@ -123,7 +128,13 @@ fn main() -> ExitCode {
                 }
             };
             let signer = auth::Signer::new(&secret, jwt_issuer.as_deref(), jwt_audience.as_deref());
-            println!("{}", signer.sign(&user, auth::now_unix() + ttl_secs));
+            let exp = auth::now_unix() + ttl_secs;
+            let token = if publisher {
+                signer.sign_publisher(&user, exp, None)
+            } else {
+                signer.sign(&user, exp)
+            };
+            println!("{token}");
             ExitCode::SUCCESS
         }
         Some(Command::Serve(config)) => run(*config),

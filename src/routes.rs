@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{self, AuthError, Signer};
-use crate::keys::KeyStore;
+use crate::keys::{KeyStore, Principal, Scope};
 use crate::origins::OriginPolicy;
 
 /// Shared by every worker.
@@ -33,6 +33,10 @@ pub struct AppState {
     pub origins: OriginPolicy,
     /// Set when the server starts to stop: new requests are refused with 503.
     pub draining: AtomicBool,
+    /// Names of the webhook agents (section 11), listed with the server's own.
+    pub webhook_agents: Vec<String>,
+    /// Largest body of a publisher's request.
+    pub publish_max_body: usize,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig, dev_mode: bool, max_body: usize) {
@@ -43,6 +47,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, dev_mode: bool, max_body: usize) 
         .route("/v1/agents", web::get().to(agents));
     crate::stream::configure(cfg);
     crate::runs::configure(cfg);
+    crate::publish::configure(cfg);
     crate::frontends::configure(cfg);
     crate::web::configure(cfg);
     if dev_mode {
@@ -88,17 +93,69 @@ fn unauthorized(e: AuthError) -> HttpResponse {
 
 /// The user a request is from: `Authorization: Bearer`, else `query_token` (for clients that
 /// cannot set headers: browsers' WebSocket and EventSource). Otherwise the 401 to answer.
+/// A publisher's token (section 11) is refused here with 403 `forbidden`.
 pub fn authenticate(
     req: &HttpRequest,
     state: &AppState,
     query_token: Option<&str>,
 ) -> Result<String, Box<HttpResponse>> {
+    match principal(req, state, query_token)? {
+        Principal {
+            sub,
+            scope: Scope::User,
+        } => Ok(sub),
+        Principal { sub, .. } => {
+            log::info!(
+                "refused {} {}: a publisher token ({sub})",
+                req.method(),
+                req.path()
+            );
+            Err(Box::new(forbidden(
+                "a publisher token cannot act as a user",
+            )))
+        }
+    }
+}
+
+/// The publishing service a request is from (`Authorization: Bearer` with a publisher token),
+/// and the one run it is limited to, if any; a user's token is refused with 403 `forbidden`.
+pub fn authenticate_publisher(
+    req: &HttpRequest,
+    state: &AppState,
+) -> Result<(String, Option<String>), Box<HttpResponse>> {
+    match principal(req, state, None)? {
+        Principal {
+            sub,
+            scope: Scope::Publisher { run },
+        } => Ok((sub, run)),
+        Principal { sub, .. } => {
+            log::info!(
+                "refused {} {}: a user token ({sub}) cannot publish",
+                req.method(),
+                req.path()
+            );
+            Err(Box::new(forbidden(
+                "a user's token cannot publish: use a publisher token (agentcast token NAME --publisher)",
+            )))
+        }
+    }
+}
+
+fn principal(
+    req: &HttpRequest,
+    state: &AppState,
+    query_token: Option<&str>,
+) -> Result<Principal, Box<HttpResponse>> {
     let verified = auth::token_of(req, query_token).and_then(|token| state.keys.verify(&token));
     verified.map_err(|e| {
         log::info!("refused {} {}: {e}", req.method(), req.path());
         state.metrics.auth_failure(e.reason());
         Box::new(unauthorized(e))
     })
+}
+
+pub fn forbidden(message: &str) -> HttpResponse {
+    error(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
 /// Query parameters of the streaming endpoints.
@@ -189,11 +246,14 @@ async fn agents(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Err(refusal) = authenticate(&req, &state, None) {
         return *refusal;
     }
-    let agents: Vec<_> = state
+    let mut agents: Vec<_> = state
         .catalog
         .agents()
         .map(|a| json!({"name": a.name(), "description": a.description(), "input": a.input_schema()}))
         .collect();
+    agents.extend(state.webhook_agents.iter().map(|name| {
+        json!({"name": name, "description": "An agent outside the server, called by webhook: it publishes its events (PROTOCOL.md section 11).", "input": true})
+    }));
     let tools: Vec<_> = state
         .catalog
         .tools()

@@ -9,7 +9,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use agentcast_actors::protocol::ErrorCode;
 use agentcast_actors::protocol::{parse_client_frame, Command};
 use agentcast_actors::router::{
-    CancelRefused, CancelRun, InspectRefused, InspectRun, Respond, StartRefused, StartRun,
+    CancelRefused, CancelRun, InspectRefused, InspectRun, Respond, RunView, StartRefused, StartRun,
 };
 use serde_json::{json, Value};
 
@@ -22,7 +22,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/runs/{run_id}/respond", web::post().to(respond));
 }
 
-fn unavailable() -> HttpResponse {
+pub(crate) fn unavailable() -> HttpResponse {
     error(
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal",
@@ -31,7 +31,7 @@ fn unavailable() -> HttpResponse {
 }
 
 /// Redis (section 10) is unreachable: 503 `unavailable`.
-fn store_unavailable() -> HttpResponse {
+pub(crate) fn store_unavailable() -> HttpResponse {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
@@ -39,7 +39,7 @@ fn store_unavailable() -> HttpResponse {
     )
 }
 
-fn not_found() -> HttpResponse {
+pub(crate) fn not_found() -> HttpResponse {
     error(StatusCode::NOT_FOUND, "run_not_found", "no such run")
 }
 
@@ -174,27 +174,35 @@ async fn inspect(
         user: user.into(),
         run_id: path.into_inner(),
     };
-    let run = match state.router.inspect_run.send(ask).await {
-        Ok(Ok(run)) => run,
-        Ok(Err(InspectRefused::NotFound)) => return not_found(),
-        Ok(Err(InspectRefused::Unavailable)) => return store_unavailable(),
-        Ok(Err(InspectRefused::Busy(limit))) => {
-            return HttpResponse::TooManyRequests()
-                .insert_header(("Retry-After", "1"))
-                .json(json!({
-                    "code": "rate_limited",
-                    "message": format!("{limit} run views are already being sent to this user; read them first"),
-                    "retry_after_ms": 1000,
-                }))
-        }
-        Err(_) => return unavailable(),
-    };
+    match state.router.inspect_run.send(ask).await {
+        Ok(Ok(run)) => run_view(run, None),
+        Ok(Err(refused)) => inspect_refused(refused),
+        Err(_) => unavailable(),
+    }
+}
+
+pub(crate) fn inspect_refused(refused: InspectRefused) -> HttpResponse {
+    match refused {
+        InspectRefused::NotFound => not_found(),
+        InspectRefused::Unavailable => store_unavailable(),
+        InspectRefused::Busy(limit) => HttpResponse::TooManyRequests()
+            .insert_header(("Retry-After", "1"))
+            .json(json!({
+                "code": "rate_limited",
+                "message": format!("{limit} run views are already being sent to this user; read them first"),
+                "retry_after_ms": 1000,
+            })),
+    }
+}
+
+/// A run as `GET /v1/runs/{id}` shows it; `last_n` is added for its publisher (section 11).
+pub(crate) fn run_view(run: RunView, last_n: Option<u64>) -> HttpResponse {
     let rfc3339 = |t| humantime::format_rfc3339_micros(t).to_string();
     let duration_ms = run
         .ended_at
         .and_then(|end| end.duration_since(run.started_at).ok())
         .map(|d| d.as_millis() as u64);
-    let head = json!({
+    let mut head = json!({
         "run_id": &*run.run_id,
         "agent": run.agent,
         "thread_id": run.thread_id.as_deref(),
@@ -204,6 +212,9 @@ async fn inspect(
         "duration_ms": duration_ms,
         "truncated": run.truncated,
     });
+    if let Some(last_n) = last_n {
+        head["last_n"] = json!(last_n);
+    }
     // The events are already encoded and shared with the user's log: the body is their bytes,
     // not a copy. The lease travels with the body: it counts against the user's views in
     // flight until the response has been sent or the client has gone.

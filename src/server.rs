@@ -13,6 +13,7 @@ use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 use agentcast_actors::builtin;
 use agentcast_actors::metrics::Metrics;
+use agentcast_actors::published_run::{MintRunToken, WebhookAgents};
 use agentcast_actors::redis::RedisConfig;
 use agentcast_actors::registry::{ConnectionRegistry, RegistrySettings};
 
@@ -84,11 +85,16 @@ pub async fn start(config: Config) -> io::Result<Started> {
         max_runs_per_user: config.max_runs_per_user,
         run_timeout: config.run_timeout(),
         interrupt_timeout: config.interrupt_timeout(),
+        publish_idle: Duration::from_millis(config.publish_idle_ms),
+        webhooks: webhook_agents(&config, &catalog)?,
         slow_consumer_grace: Duration::from_millis(config.slow_consumer_grace_ms),
         shutdown_wait: Duration::from_secs(10),
         runs_per_minute: config.runs_per_minute,
         max_connections_per_user: config.max_connections_per_user,
     };
+    let webhook_base = settings.webhooks.base_url.clone();
+    let mut webhook_names: Vec<String> = settings.webhooks.urls.keys().cloned().collect();
+    webhook_names.sort();
     let registry = match &config.redis_url {
         None => {
             ConnectionRegistry::new(settings, metrics.clone(), catalog.clone(), agents.handle())
@@ -141,6 +147,8 @@ pub async fn start(config: Config) -> io::Result<Started> {
             .origin_policy()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
         draining: AtomicBool::new(false),
+        webhook_agents: webhook_names,
+        publish_max_body: config.publish_max_body_bytes,
     });
     let connections = ConnectionCounter::new(config.max_connections, state.metrics.clone());
     let dev_mode = config.dev_mode();
@@ -173,6 +181,14 @@ pub async fn start(config: Config) -> io::Result<Started> {
     .shutdown_timeout(5)
     .bind(bind)?;
     let addrs = server.addrs();
+    if let Some(first) = addrs.first() {
+        let base = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{first}"));
+        // Set once, here; a second set cannot happen.
+        let _ = webhook_base.set(base);
+    }
     // Tools parse "listening on [ADDR" to find the port of a server bound to :0.
     log::info!(
         "agentcast listening on {addrs:?}: {workers} workers, run timeout {} ms, {} runs and {} \
@@ -206,6 +222,32 @@ pub async fn start(config: Config) -> io::Result<Started> {
 }
 
 /// The keys in force, for the start-up line (never a secret itself).
+/// The webhook agents of `--webhook-agent`, with the signer of their per-run tokens.
+fn webhook_agents(
+    config: &Config,
+    catalog: &agentcast_actors::catalog::Catalog,
+) -> io::Result<WebhookAgents> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    let urls = config.webhook_urls().map_err(|e| invalid(e.to_string()))?;
+    if let Some(name) = urls.keys().find(|name| catalog.agent(name).is_some()) {
+        return Err(invalid(format!(
+            "--webhook-agent {name}: the server already has an agent of that name"
+        )));
+    }
+    let mint = config.signer().map(|signer| {
+        let mint: MintRunToken = Arc::new(move |run_id: &str, valid_for: Duration| {
+            let exp = crate::auth::now_unix() + valid_for.as_secs() + 1;
+            signer.sign_publisher(&format!("run:{run_id}"), exp, Some(run_id))
+        });
+        mint
+    });
+    Ok(WebhookAgents {
+        urls,
+        mint,
+        base_url: Default::default(),
+    })
+}
+
 fn describe_keys(config: &Config) -> String {
     if config.dev_mode() {
         return "DEV MODE".into();

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::event::{ErrorBody, EventData, RunStatus};
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RunLedger {
     started: bool,
     completed: bool,
@@ -28,6 +28,8 @@ pub struct RunLedger {
     open_calls: Vec<(String, String, Instant)>,
     /// Every question the run asked, and whether it is still open.
     questions: Vec<(String, bool)>,
+    /// Tool calls begun.
+    calls: u64,
 }
 
 /// Where one of a run's questions stands.
@@ -51,6 +53,30 @@ pub enum Refused {
     DuplicateQuestion,
     /// An `input_received` for a question that is not open.
     QuestionNotOpen,
+    /// A publisher's `agent_completed` while a tool call is still open (section 11: the
+    /// server closes open calls only for ends it makes itself).
+    CallsOpen,
+}
+
+impl Refused {
+    /// What was wrong, for a person to fix (a publisher's 409).
+    pub fn explain(self) -> &'static str {
+        match self {
+            Refused::NotStarted => "the run has not started",
+            Refused::AlreadyStarted => "the run has already started",
+            Refused::Completed => "the run has already ended: nothing comes after agent_completed",
+            Refused::DuplicateCall => "a tool_executing with a tool_call_id that is already open",
+            Refused::CallNotOpen => {
+                "no open tool call with this tool_call_id: tool_progress and tool_completed come after its tool_executing, and tool_completed once"
+            }
+            Refused::Cancelling => "the run is being cancelled",
+            Refused::DuplicateQuestion => "a question id the run already used",
+            Refused::QuestionNotOpen => "no open question with this interrupt_id",
+            Refused::CallsOpen => {
+                "agent_completed while a tool call is open: send its tool_completed first"
+            }
+        }
+    }
 }
 
 impl RunLedger {
@@ -61,6 +87,32 @@ impl RunLedger {
     /// The run was told to stop: from now on only its `agent_completed` is admitted.
     pub fn cancel(&mut self) {
         self.cancelling = true;
+    }
+
+    /// Tool calls the run has begun (its `usage.tool_calls`).
+    pub fn calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// When the open call `tool_call_id` began.
+    pub fn call_started(&self, tool_call_id: &str) -> Option<Instant> {
+        self.open_calls
+            .iter()
+            .find(|(id, _, _)| id == tool_call_id)
+            .map(|(_, _, at)| *at)
+    }
+
+    /// Checks an event of a published run (section 11): the same rules as [`admit`]
+    /// (Self::admit), except that an `agent_completed` with a call still open is refused
+    /// rather than closed for the publisher.
+    pub fn admit_published(&mut self, data: &EventData, now: Instant) -> Result<(), Refused> {
+        if matches!(data, EventData::AgentCompleted { .. })
+            && !self.open_calls.is_empty()
+            && !self.completed
+        {
+            return Err(Refused::CallsOpen);
+        }
+        self.admit(data, now).map(|_| ())
     }
 
     /// Whether the run asked `interrupt_id`, and if it is still open.
@@ -105,6 +157,7 @@ impl RunLedger {
                 }
                 self.open_calls
                     .push((tool_call_id.clone(), tool.clone(), now));
+                self.calls += 1;
             }
             EventData::ToolProgress { tool_call_id, .. } => {
                 if !self.open_calls.iter().any(|(id, _, _)| id == tool_call_id) {
@@ -425,6 +478,25 @@ mod tests {
         }
         let closing = l.admit(&end(RunStatus::Cancelled, None), now).unwrap();
         assert_eq!(closing.len(), 1);
+    }
+
+    #[test]
+    fn a_published_end_with_an_open_call_is_refused() {
+        let mut l = RunLedger::default();
+        let now = Instant::now();
+        l.admit(&started(), now).unwrap();
+        l.admit_published(&exec("tc_1"), now).unwrap();
+        assert!(l.call_started("tc_1").is_some());
+        assert_eq!(
+            l.admit_published(&end(RunStatus::Succeeded, None), now),
+            Err(Refused::CallsOpen)
+        );
+        assert!(!l.is_completed(), "a refused end changes nothing");
+        l.admit_published(&done("tc_1"), now).unwrap();
+        l.admit_published(&end(RunStatus::Succeeded, None), now)
+            .unwrap();
+        assert_eq!(l.calls(), 1);
+        assert_eq!(l.admit_published(&think(), now), Err(Refused::Completed));
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub mod ledger;
 pub mod metrics;
 mod panic;
 pub mod protocol;
+pub mod publish;
+pub mod published_run;
 pub mod rate;
 pub mod redis;
 pub mod registry;

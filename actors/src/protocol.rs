@@ -29,6 +29,8 @@ pub enum ErrorCode {
     Unavailable,
     /// The question was already settled, by another answer or by expiry (section 12).
     InterruptResolved,
+    /// The token may not do this: a publisher's on a user's route, or the reverse (section 11).
+    Forbidden,
 }
 
 /// What a client asked for.

@@ -201,6 +201,63 @@ impl RespondRefused {
     }
 }
 
+/// A publisher starts a run for `user` (section 11): `POST /v1/publish/runs`. Answered once
+/// the run exists (and its `agent_started` is on its way), under the user's run limits.
+#[derive(Message)]
+#[rtype(result = "Result<RunId, StartRefused>")]
+pub struct StartPublished {
+    /// The publisher token's `sub`: only it may publish to the run.
+    pub publisher: String,
+    pub user: UserId,
+    pub agent: String,
+    pub input: Value,
+    pub thread_id: Option<String>,
+}
+
+/// A batch of a published run's events (`POST /v1/publish/runs/{run_id}/events`).
+#[derive(Message)]
+#[rtype(result = "Result<BatchAccepted, PublishRefused>")]
+pub struct Publish {
+    pub publisher: String,
+    /// Set when the token is for one run alone (a webhook agent's).
+    pub only_run: Option<String>,
+    pub run_id: String,
+    pub events: Vec<crate::publish::PublishedEvent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchAccepted {
+    /// Events this batch added (a retry adds none).
+    pub accepted: usize,
+    pub last_n: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishRefused {
+    /// Not a run of this publisher (whether or not it exists).
+    NotFound,
+    /// The run has ended (or is ending) this way; the batch was not all accepted before.
+    Ended(RunStatus),
+    /// `n` leaves a hole or repeats (409 `invalid_field`, with the event's index).
+    Order { index: usize, message: String },
+    /// An event breaks a rule of section 2 (409 `invalid_field`, with its index).
+    Rule { index: usize, message: String },
+    /// The user's events are held back for a tab catching up, or the shared log is behind:
+    /// the publisher retries the batch (429 `rate_limited`; retrying is harmless).
+    Busy,
+    /// The run is on another node and the shared log (Redis) is unreachable.
+    Unavailable,
+}
+
+/// A publisher's view of its run: `GET /v1/publish/runs/{run_id}`.
+#[derive(Message)]
+#[rtype(result = "Result<(RunView, u64), InspectRefused>")]
+pub struct InspectPublished {
+    pub publisher: String,
+    pub only_run: Option<String>,
+    pub run_id: String,
+}
+
 /// A `resume` command: replay to session `key` the user's events with
 /// `after_seq < seq <= upto` (the ones from before it joined), alongside its live events, then
 /// `Push::Resumed`. Answered at once with whether the replay could begin.
@@ -368,6 +425,9 @@ pub struct Router {
     pub start_run: Recipient<StartRun>,
     pub cancel_run: Recipient<CancelRun>,
     pub respond: Recipient<Respond>,
+    pub start_published: Recipient<StartPublished>,
+    pub publish: Recipient<Publish>,
+    pub inspect_published: Recipient<InspectPublished>,
     pub resume: Recipient<Resume>,
     pub emit: Recipient<Emit>,
     pub shutdown: Recipient<Shutdown>,
@@ -385,6 +445,9 @@ impl Router {
             + Handler<StartRun>
             + Handler<CancelRun>
             + Handler<Respond>
+            + Handler<StartPublished>
+            + Handler<Publish>
+            + Handler<InspectPublished>
             + Handler<Resume>
             + Handler<Emit>
             + Handler<Shutdown>
@@ -398,6 +461,9 @@ impl Router {
             start_run: addr.clone().recipient(),
             cancel_run: addr.clone().recipient(),
             respond: addr.clone().recipient(),
+            start_published: addr.clone().recipient(),
+            publish: addr.clone().recipient(),
+            inspect_published: addr.clone().recipient(),
             resume: addr.clone().recipient(),
             emit: addr.clone().recipient(),
             shutdown: addr.clone().recipient(),

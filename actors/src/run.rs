@@ -290,27 +290,32 @@ impl Handler<Cancel> for AgentRunActor {
     type Result = ();
 
     fn handle(&mut self, Cancel(reason): Cancel, ctx: &mut Context<Self>) {
-        let (status, error) = match reason {
-            CancelReason::Requested => (
-                RunStatus::Cancelled,
-                ErrorBody::new("cancelled", "the run was cancelled"),
-            ),
-            CancelReason::Shutdown => (
-                RunStatus::Cancelled,
-                ErrorBody::new("shutdown", "the server is shutting down"),
-            ),
-            CancelReason::Unavailable => (
-                RunStatus::Failed,
-                ErrorBody::new(
-                    "unavailable",
-                    "the event store was unreachable for longer than the server can hold events",
-                ),
-            ),
-            CancelReason::NodeLost => (
-                RunStatus::Failed,
-                ErrorBody::new("node_lost", "the node running this run was taken for lost"),
-            ),
-        };
+        let (status, error) = cancel_outcome(reason);
         self.finish(status, Value::Null, Some(error), ctx)
+    }
+}
+
+/// How a run stopped from outside ends: its status and error.
+pub(crate) fn cancel_outcome(reason: CancelReason) -> (RunStatus, ErrorBody) {
+    match reason {
+        CancelReason::Requested => (
+            RunStatus::Cancelled,
+            ErrorBody::new("cancelled", "the run was cancelled"),
+        ),
+        CancelReason::Shutdown => (
+            RunStatus::Cancelled,
+            ErrorBody::new("shutdown", "the server is shutting down"),
+        ),
+        CancelReason::Unavailable => (
+            RunStatus::Failed,
+            ErrorBody::new(
+                "unavailable",
+                "the event store was unreachable for longer than the server can hold events",
+            ),
+        ),
+        CancelReason::NodeLost => (
+            RunStatus::Failed,
+            ErrorBody::new("node_lost", "the node running this run was taken for lost"),
+        ),
     }
 }

@@ -19,6 +19,7 @@ mod limits;
 mod liveness;
 mod metrics;
 mod properties;
+mod publish;
 mod redis_bounds;
 mod redis_recovery;
 mod resume;

@@ -21,6 +21,7 @@
 
 pub mod event_log;
 pub mod fanout;
+mod published;
 pub mod runs;
 pub mod shared;
 mod threads;
@@ -47,8 +48,9 @@ use crate::run::{AgentRunActor, CancelReason};
 
 use self::event_log::{Appended, EventLog, LogBudget, LogBytes, MemoryLog, NewEvent};
 use self::fanout::SessionLink;
-use self::runs::{NotAdmitted, RunTable};
+use self::runs::{NotAdmitted, Publication, RunActor, RunTable};
 use self::users::UserEntry;
+use crate::published_run::PublishedRunActor;
 
 /// Limits the registry enforces.
 #[derive(Debug, Clone)]
@@ -62,6 +64,9 @@ pub struct RegistrySettings {
     pub run_timeout: Duration,
     /// A question to a user expires after this (PROTOCOL.md §12).
     pub interrupt_timeout: Duration,
+    /// A published run with no batch for this long ends `timed_out` (section 11).
+    pub publish_idle: Duration,
+    pub webhooks: crate::published_run::WebhookAgents,
     pub slow_consumer_grace: Duration,
     /// Longest a shutdown waits for cancelled runs to report their end.
     pub shutdown_wait: Duration,
@@ -81,6 +86,8 @@ impl Default for RegistrySettings {
             max_runs_per_user: 16,
             run_timeout: Duration::from_secs(300),
             interrupt_timeout: Duration::from_secs(600),
+            publish_idle: Duration::from_secs(60),
+            webhooks: Default::default(),
             slow_consumer_grace: Duration::from_secs(5),
             shutdown_wait: Duration::from_secs(10),
             runs_per_minute: 120,
@@ -132,9 +139,18 @@ pub struct ConnectionRegistry {
 }
 
 /// A run start that passed the checks that need nothing but this node.
-pub struct CheckedStart {
-    agent: Arc<dyn Agent>,
-    tools: Arc<Toolbox>,
+pub enum CheckedStart {
+    /// An agent of this server.
+    Agent {
+        agent: Arc<dyn Agent>,
+        tools: Arc<Toolbox>,
+    },
+    /// A run published from outside (section 11): by `owner`, or by a webhook agent at
+    /// `webhook`.
+    Published {
+        owner: Option<Arc<str>>,
+        webhook: Option<String>,
+    },
 }
 
 impl ConnectionRegistry {
@@ -421,9 +437,9 @@ impl Actor for ConnectionRegistry {
 impl Handler<Emit> for ConnectionRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: Emit, ctx: &mut Context<Self>) {
+    fn handle(&mut self, mut msg: Emit, ctx: &mut Context<Self>) {
         let now = Instant::now();
-        let admitted = match self.runs.admit(&msg, now) {
+        let admitted = match self.runs.admit(&mut msg, now) {
             Ok(admitted) => admitted,
             Err(why) => {
                 match why {
@@ -458,14 +474,21 @@ impl Handler<Emit> for ConnectionRegistry {
             );
         }
         if let Some(status) = admitted.ended {
-            self.metrics.run_ended(status.as_str());
-            if let Some(entry) = self.users.get_mut(&msg.user) {
-                entry.running = entry.running.saturating_sub(1);
-                entry.touch_idle(now);
-            }
-            log::debug!("run {} of user {} ended", msg.run_id, msg.user);
-            self.maybe_finish_shutdown();
+            self.run_ended(&msg.user, &msg.run_id, status, now);
         }
+    }
+}
+
+impl ConnectionRegistry {
+    /// A run's end was sequenced: the user has one run fewer, and a stop may be complete.
+    fn run_ended(&mut self, user: &UserId, run_id: &str, status: RunStatus, now: Instant) {
+        self.metrics.run_ended(status.as_str());
+        if let Some(entry) = self.users.get_mut(user) {
+            entry.running = entry.running.saturating_sub(1);
+            entry.touch_idle(now);
+        }
+        log::debug!("run {run_id} of user {user} ended");
+        self.maybe_finish_shutdown();
     }
 }
 
@@ -602,15 +625,20 @@ impl ConnectionRegistry {
         if self.shutting_down {
             return Err(StartRefused::ShuttingDown);
         }
-        let agent = self
-            .catalog
-            .agent(&msg.agent)
-            .ok_or(StartRefused::UnknownAgent)?;
+        let Some(agent) = self.catalog.agent(&msg.agent) else {
+            return match self.settings.webhooks.urls.get(&msg.agent) {
+                Some(url) => Ok(CheckedStart::Published {
+                    owner: None,
+                    webhook: Some(url.clone()),
+                }),
+                None => Err(StartRefused::UnknownAgent),
+            };
+        };
         let tools = self.catalog.tools().clone();
         agent
             .check_input(&msg.input, &tools)
             .map_err(StartRefused::InvalidInput)?;
-        Ok(CheckedStart { agent, tools })
+        Ok(CheckedStart::Agent { agent, tools })
     }
 
     /// This node's limits of the user's runs (without a shared log).
@@ -650,14 +678,35 @@ impl ConnectionRegistry {
         );
         let (timeout, interrupt_timeout) =
             (self.settings.run_timeout, self.settings.interrupt_timeout);
-        let (agent, tools, input) = (checked.agent, checked.tools, msg.input);
-        let actor = AgentRunActor::start_in_arbiter(&self.agents, move |_| {
-            AgentRunActor::new(agent, input, emitter, tools, timeout, interrupt_timeout)
-        });
+        let (actor, publication) = match checked {
+            CheckedStart::Agent { agent, tools } => {
+                let input = msg.input;
+                let actor = AgentRunActor::start_in_arbiter(&self.agents, move |_| {
+                    AgentRunActor::new(agent, input, emitter, tools, timeout, interrupt_timeout)
+                });
+                (RunActor::Agent(actor), None)
+            }
+            CheckedStart::Published { owner, webhook } => {
+                let call = webhook.map(|url| self.webhook_call(&run_id, &msg, url));
+                let (agent, input, idle) =
+                    (msg.agent.clone(), msg.input, self.settings.publish_idle);
+                let actor = PublishedRunActor::start_in_arbiter(&self.agents, move |_| {
+                    PublishedRunActor::new(agent, input, emitter, timeout, idle, call)
+                });
+                let publication = Publication { owner, last_n: 0 };
+                (RunActor::Published(actor), Some(publication))
+            }
+        };
         log::debug!("run {run_id} of user {}: started ({})", msg.user, msg.agent);
         self.metrics.runs_started.inc();
-        self.runs
-            .insert(run_id.clone(), msg.user, msg.agent, msg.thread_id, actor);
+        self.runs.insert(
+            run_id.clone(),
+            msg.user,
+            msg.agent,
+            msg.thread_id,
+            actor,
+            publication,
+        );
         run_id
     }
 }

@@ -11,10 +11,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 
+use serde_json::{json, Value};
+
 use crate::event::{EventData, Frame, RunStatus};
 use crate::ids::{RunId, UserId};
 use crate::ledger::{Question, Refused, RunLedger};
-use crate::router::{Emit, RespondRefused};
+use crate::publish::PublishedEvent;
+use crate::published_run::PublishedRunActor;
+use crate::router::{Emit, PublishRefused, RespondRefused};
 use crate::run::{AgentRunActor, Cancel, CancelReason};
 
 use super::event_log::UserLog;
@@ -24,12 +28,77 @@ use super::event_log::UserLog;
 /// mailbox can hold it for a while.
 const LOST_RUN_GRACE: Duration = Duration::from_secs(5);
 
+/// The actor a run lives in.
+#[derive(Clone)]
+pub enum RunActor {
+    /// An agent of this server.
+    Agent(Addr<AgentRunActor>),
+    /// A run an agent outside the server publishes (section 11).
+    Published(Addr<PublishedRunActor>),
+}
+
+impl RunActor {
+    fn cancel(&self, reason: CancelReason) {
+        match self {
+            RunActor::Agent(a) => a.do_send(Cancel(reason)),
+            RunActor::Published(a) => a.do_send(Cancel(reason)),
+        }
+    }
+
+    fn connected(&self) -> bool {
+        match self {
+            RunActor::Agent(a) => a.connected(),
+            RunActor::Published(a) => a.connected(),
+        }
+    }
+}
+
+/// What a published run has that others do not: who may publish to it, and how far.
+pub struct Publication {
+    /// The publisher that created it; `None` for a webhook agent's run, which only the token
+    /// made for that run may publish to.
+    pub owner: Option<Arc<str>>,
+    /// The highest `n` accepted.
+    pub last_n: u64,
+}
+
+/// Who is publishing: a publisher token's `sub`, and the one run it is limited to, if any.
+#[derive(Debug, Clone, Copy)]
+pub struct PublisherRef<'a> {
+    pub name: &'a str,
+    pub only_run: Option<&'a str>,
+}
+
+impl Publication {
+    pub fn allows(&self, run_id: &str, who: PublisherRef<'_>) -> bool {
+        match who.only_run {
+            Some(run) => run == run_id,
+            None => self.owner.as_deref() == Some(who.name),
+        }
+    }
+}
+
+/// A batch that was taken: the events to sequence (those it added), in order.
+pub struct AdmittedBatch {
+    pub user: UserId,
+    pub thread_id: Option<Arc<str>>,
+    pub events: Vec<EventData>,
+    pub first_index: u64,
+    pub last_n: u64,
+    pub ended: Option<RunStatus>,
+    pub actor: Option<Addr<PublishedRunActor>>,
+}
+
 pub struct RunRecord {
     pub user: UserId,
     pub agent: String,
     pub thread_id: Option<Arc<str>>,
-    actor: Addr<AgentRunActor>,
+    actor: RunActor,
     ledger: RunLedger,
+    /// Set for a published run.
+    pub publication: Option<Publication>,
+    /// How the run will end, once it has been told to stop (before its end arrives).
+    stopping: Option<RunStatus>,
     pub started_at: SystemTime,
     /// When and how it ended.
     pub ended: Option<(Instant, SystemTime, RunStatus)>,
@@ -46,7 +115,8 @@ impl RunRecord {
     /// Tells the run's actor to end; from now on its ledger lets only the end through.
     fn stop(&mut self, reason: CancelReason) {
         self.ledger.cancel();
-        self.actor.do_send(Cancel(reason));
+        self.stopping = Some(crate::run::cancel_outcome(reason).0);
+        self.actor.cancel(reason);
     }
 }
 
@@ -84,7 +154,8 @@ impl RunTable {
         user: UserId,
         agent: String,
         thread_id: Option<String>,
-        actor: Addr<AgentRunActor>,
+        actor: RunActor,
+        publication: Option<Publication>,
     ) {
         self.running += 1;
         self.runs.insert(
@@ -95,6 +166,8 @@ impl RunTable {
                 thread_id: thread_id.map(Arc::from),
                 actor,
                 ledger: RunLedger::default(),
+                publication,
+                stopping: None,
                 started_at: SystemTime::now(),
                 ended: None,
                 seqs: None,
@@ -135,14 +208,22 @@ impl RunTable {
             .max_by_key(|(_, r)| r.started_at)
     }
 
-    /// Checks an event against its run (owner, ledger) and notes a start or an end.
-    pub fn admit(&mut self, msg: &Emit, now: Instant) -> Result<Admitted, NotAdmitted> {
+    /// Checks an event against its run (owner, ledger) and notes a start or an end. An end
+    /// without `usage` (a published run's, made by the server) gets the run's tool calls.
+    pub fn admit(&mut self, msg: &mut Emit, now: Instant) -> Result<Admitted, NotAdmitted> {
         let run = self
             .runs
             .get_mut(&msg.run_id)
             .ok_or(NotAdmitted::UnknownRun)?;
         if run.user != msg.user {
             return Err(NotAdmitted::WrongUser);
+        }
+        if let EventData::AgentCompleted {
+            usage: usage @ Value::Null,
+            ..
+        } = &mut msg.data
+        {
+            *usage = json!({ "tool_calls": run.ledger.calls() });
         }
         let closing = run
             .ledger
@@ -188,6 +269,143 @@ impl RunTable {
         Some(())
     }
 
+    /// Checks a publisher's batch against its run: the publisher's own run, `n` without a
+    /// hole or a repeat (what was accepted before is skipped), and every event the run's
+    /// ledger would admit, all of them or none. `duration_ms` left out is filled in.
+    pub fn publish(
+        &mut self,
+        run_id: &str,
+        who: PublisherRef<'_>,
+        batch: Vec<PublishedEvent>,
+        now: Instant,
+    ) -> Result<AdmittedBatch, PublishRefused> {
+        let run = self
+            .runs
+            .get_mut(run_id)
+            .filter(|r| {
+                r.publication
+                    .as_ref()
+                    .is_some_and(|p| p.allows(run_id, who))
+            })
+            .ok_or(PublishRefused::NotFound)?;
+        let last_n = run.publication.as_ref().map_or(0, |p| p.last_n);
+        for (i, pair) in batch.windows(2).enumerate() {
+            if pair[1].n != pair[0].n + 1 {
+                let what = if pair[1].n == pair[0].n {
+                    "repeats"
+                } else {
+                    "does not follow"
+                };
+                return Err(PublishRefused::Order {
+                    index: i + 1,
+                    message: format!(
+                        "event {}: n {} {what} n {} of the event before it: n numbers the run's events 1, 2, 3, ... in order",
+                        i + 1,
+                        pair[1].n,
+                        pair[0].n
+                    ),
+                });
+            }
+        }
+        let (first_n, batch_last) = match (batch.first(), batch.last()) {
+            (Some(first), Some(last)) => (first.n, last.n),
+            _ => (last_n + 1, last_n),
+        };
+        if batch_last <= last_n {
+            // All of it was accepted before: a retry.
+            return Ok(AdmittedBatch {
+                user: run.user.clone(),
+                thread_id: run.thread_id.clone(),
+                events: Vec::new(),
+                first_index: run.admitted + 1,
+                last_n,
+                ended: None,
+                actor: None,
+            });
+        }
+        if let Some((_, _, status)) = run.ended {
+            return Err(PublishRefused::Ended(status));
+        }
+        if let Some(status) = run.stopping {
+            return Err(PublishRefused::Ended(status));
+        }
+        if first_n > last_n + 1 {
+            return Err(PublishRefused::Order {
+                index: 0,
+                message: format!(
+                    "event 0: n {first_n} leaves a hole: the run's last accepted n is {last_n}, so the next is {}",
+                    last_n + 1
+                ),
+            });
+        }
+        let skip = (last_n + 1 - first_n) as usize;
+        let mut ledger = run.ledger.clone();
+        let mut events = Vec::with_capacity(batch.len() - skip);
+        let since_start = SystemTime::now()
+            .duration_since(run.started_at)
+            .unwrap_or_default();
+        for (index, mut event) in batch.into_iter().enumerate().skip(skip) {
+            if event.untimed {
+                match &mut event.data {
+                    EventData::ToolCompleted {
+                        tool_call_id,
+                        duration_ms,
+                        ..
+                    } => {
+                        *duration_ms = ledger
+                            .call_started(tool_call_id)
+                            .map_or(0, |at| now.saturating_duration_since(at).as_millis() as u64);
+                    }
+                    EventData::AgentCompleted { duration_ms, .. } => {
+                        *duration_ms = since_start.as_millis() as u64;
+                    }
+                    _ => {}
+                }
+            }
+            if let EventData::AgentCompleted {
+                usage: usage @ Value::Null,
+                ..
+            } = &mut event.data
+            {
+                *usage = json!({ "tool_calls": ledger.calls() });
+            }
+            ledger
+                .admit_published(&event.data, now)
+                .map_err(|refused| PublishRefused::Rule {
+                    index,
+                    message: format!("event {index} (n {}): {}", event.n, refused.explain()),
+                })?;
+            events.push(event.data);
+        }
+        run.ledger = ledger;
+        if let Some(p) = run.publication.as_mut() {
+            p.last_n = batch_last;
+        }
+        let first_index = run.admitted + 1;
+        run.admitted += events.len() as u64;
+        let ended = match events.last() {
+            Some(EventData::AgentCompleted { status, .. }) => Some(*status),
+            _ => None,
+        };
+        if let Some(status) = ended {
+            run.ended = Some((now, SystemTime::now(), status));
+            self.running = self.running.saturating_sub(1);
+        }
+        let actor = match &run.actor {
+            RunActor::Published(a) => Some(a.clone()),
+            RunActor::Agent(_) => None,
+        };
+        Ok(AdmittedBatch {
+            user: run.user.clone(),
+            thread_id: run.thread_id.clone(),
+            events,
+            first_index,
+            last_n: batch_last,
+            ended,
+            actor,
+        })
+    }
+
     /// Stops a run of this node whoever asks (another node, which checked the owner).
     pub fn stop(&mut self, run_id: &str, reason: CancelReason) -> bool {
         match self.runs.get_mut(run_id) {
@@ -219,10 +437,10 @@ impl RunTable {
             .get(run_id)
             .filter(|run| run.user == *user)
             .ok_or(RespondRefused::NotFound)?;
-        match run.ledger.question(interrupt_id) {
-            None => Err(RespondRefused::UnknownQuestion),
-            Some(Question::Settled) => Err(RespondRefused::Resolved),
-            Some(Question::Open) => Ok(run.actor.clone()),
+        match (run.ledger.question(interrupt_id), &run.actor) {
+            (None, _) | (_, RunActor::Published(_)) => Err(RespondRefused::UnknownQuestion),
+            (Some(Question::Settled), _) => Err(RespondRefused::Resolved),
+            (Some(Question::Open), RunActor::Agent(actor)) => Ok(actor.clone()),
         }
     }
 

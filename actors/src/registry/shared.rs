@@ -48,6 +48,14 @@ pub struct Shared {
     pub(super) resyncing: bool,
 }
 
+impl Shared {
+    /// Over half of what may wait for Redis is waiting: publishers are asked to retry rather
+    /// than push this node's runs towards failing `unavailable`.
+    pub fn is_congested(&self) -> bool {
+        self.pending > self.max_pending / 2 || !self.link.is_up()
+    }
+}
+
 /// One user's following of the shared log on this node.
 #[derive(Default)]
 pub struct Following {
