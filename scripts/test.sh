@@ -3,7 +3,8 @@
 # runs every test: unit, doc and integration tests (real servers on 127.0.0.1), the shell
 # examples of README.md (scripts/readme-test.sh), the bench harness at a small scale (zero-loss
 # checks included), and the browser tests in Chromium. The scale-out tests (tests/it/scale_out.rs)
-# start real redis-server processes: Debian's redis-server package. The frontend tests read
+# start real redis-server processes: Debian's redis-server package. examples/publish.py runs
+# under python3 (tests/it/publish.rs). The frontend tests read
 # POST /v1/agui and /v1/ai-sdk with the real @ag-ui/client and ai packages (npm ci).
 # CI (.ci/run) calls exactly this. Anything missing or failing stops it loudly.
 set -euo pipefail
@@ -18,6 +19,7 @@ command -v npm >/dev/null || missing+=(npm)
 command -v curl >/dev/null || missing+=(curl)
 command -v jq >/dev/null || missing+=(jq)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "== installing ${missing[*]}"

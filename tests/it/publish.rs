@@ -675,3 +675,56 @@ async fn webhook_agents() {
         );
     }
 }
+
+/// `examples/publish.py` (Python, standard library only) against a real server: it creates a
+/// run for alice, publishes a tool call, sends one batch twice on purpose, and ends the run;
+/// alice's tab gets the run exactly once.
+#[tokio::test]
+async fn the_python_example_publishes_a_run() {
+    let server = start(test_config());
+    let mut tab = Client::connect(&server, "alice").await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("examples/publish.py"))
+        .arg("alice")
+        .env("AGENTCAST_URL", format!("http://{}", server.addr()))
+        .env(
+            "AGENTCAST_PUBLISHER_TOKEN",
+            publisher_token("python-example"),
+        )
+        .output()
+        .await
+        .expect("python3 is needed for this test (apt-get install python3)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "examples/publish.py failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("batch 1 again: {'accepted': 0"),
+        "the retry: {stdout}"
+    );
+    let started = tab.peek_of_type("agent_started").await;
+    let run = started["run_id"].as_str().unwrap().to_string();
+    let events = tab.collect_run(&run).await;
+    check_run(&events, &run, Some("py-1"));
+    assert_eq!(
+        types(&events),
+        [
+            "agent_started",
+            "agent_thinking",
+            "tool_executing",
+            "tool_progress",
+            "tool_completed",
+            "partial_result",
+            "partial_result",
+            "agent_completed"
+        ]
+    );
+    assert_eq!(events[0]["data"]["agent"], "python-weather");
+    assert_eq!(
+        events.last().unwrap()["data"]["result"],
+        "Sunny in Lisbon, with a high of 24°C."
+    );
+}
