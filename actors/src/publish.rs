@@ -25,6 +25,20 @@ pub struct PublishedEvent {
     pub untimed: bool,
 }
 
+impl PublishedEvent {
+    /// The event as a publisher sends it (to forward a batch to the run's node, which reads
+    /// it again with [`parse_batch`]).
+    pub fn to_wire(&self) -> Value {
+        let mut data = serde_json::to_value(&self.data).unwrap_or(Value::Null);
+        if let Value::Object(data) = &mut data {
+            if self.untimed {
+                data.remove("duration_ms");
+            }
+        }
+        serde_json::json!({"n": self.n, "type": self.data.kind(), "data": data})
+    }
+}
+
 /// Why a batch was refused before the run was looked at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchFault {
@@ -346,6 +360,17 @@ mod tests {
                 other => panic!("{kind}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_event_reads_back_from_its_wire_form() {
+        let batch = json!({"events": [
+            {"n": 4, "type": "tool_completed", "data": {"tool_call_id": "c", "tool": "t", "ok": false, "error": {"code": "x", "message": "y"}}},
+            {"n": 5, "type": "agent_completed", "data": {"status": "succeeded", "result": 1, "duration_ms": 3}}
+        ]});
+        let events = parse_batch(&batch).unwrap();
+        let wire: Vec<Value> = events.iter().map(PublishedEvent::to_wire).collect();
+        assert_eq!(parse_batch(&json!({ "events": wire })).unwrap(), events);
     }
 
     #[test]

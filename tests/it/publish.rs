@@ -728,3 +728,48 @@ async fn the_python_example_publishes_a_run() {
         "Sunny in Lisbon, with a high of 24°C."
     );
 }
+
+/// Section 10: a publisher may send each request to any node. The run is created on node A;
+/// batches sent to node B travel to A (its ledger and `last_n` decide), retries to either node
+/// add nothing, a bad batch is refused whole from B, `GET` on B shows the run with `last_n`,
+/// and the user's tabs on both nodes get it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_may_use_any_node() {
+    let redis = RedisServer::start();
+    let nodes = spawn_child_nodes(&redis, 2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut tab_a = a.connect("alice").await;
+    let mut tab_b = b.connect("alice").await;
+    // Child nodes sign and verify with SECRET.
+    let token = publisher_token("svc");
+    let on_a = Publisher::with_token(a.addr, &token);
+    let on_b = Publisher::with_token(b.addr, &token);
+    let run = on_a.create("alice", "remote", json!({"k": 1})).await;
+    assert_eq!(on_b.publish(&run, texts(1, 3)).await, 3, "B forwards to A");
+    assert_eq!(on_a.publish(&run, texts(1, 3)).await, 0, "a retry on A");
+    assert_eq!(on_b.publish(&run, texts(2, 5)).await, 2, "an overlap on B");
+    let r = on_b
+        .batch(&run, json!([text(6, "x"), done(7, "nope")]))
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.json()["index"], 1, "{}", r.body);
+    let view = on_b.get(&format!("/v1/publish/runs/{run}")).await;
+    assert_eq!(view.status, 200, "{}", view.body);
+    assert_eq!(view.json()["last_n"], 5);
+    let other = Publisher::with_token(b.addr, &publisher_token("other"));
+    assert_refused(&other.batch(&run, texts(6, 6)).await, 404, "run_not_found");
+    assert_refused(
+        &other.get(&format!("/v1/publish/runs/{run}")).await,
+        404,
+        "run_not_found",
+    );
+    assert_eq!(on_b.publish(&run, json!([end(6)])).await, 1);
+    let r = on_b.batch(&run, texts(7, 7)).await;
+    assert_refused(&r, 409, "run_not_found");
+    let want: Vec<String> = (1..=5).map(|n| format!("t{n}")).collect();
+    for tab in [&mut tab_a, &mut tab_b] {
+        let events = tab.collect_run(&run).await;
+        check_run(&events, &run, None);
+        assert_eq!(partials(&events), want);
+    }
+}

@@ -85,6 +85,12 @@ pub fn node_control(node: &str) -> String {
     format!("agentcast:node:{node}:control")
 }
 
+/// A published run's user (section 11), for a node that gets a batch of it without knowing
+/// whose it is: `user`.
+pub fn published_run(run_id: &str) -> String {
+    format!("agentcast:published:{run_id}")
+}
+
 /// Taken by the node that ends a lost node's runs.
 pub fn node_reaper(node: &str) -> String {
     format!("agentcast:node:{node}:reaper")

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::keys::{self, UserKeys};
-use super::{answers, parse_published, LogNews, RedisLink};
+use super::{forward, parse_published, LogNews, RedisLink};
 use crate::ids::UserId;
 
 pub enum Follow {
@@ -150,21 +150,22 @@ fn deliver(msg: &redis::Msg, control: &str, link: &RedisLink, news: &Recipient<L
             // Not dropped when the registry is busy: nothing would repair a lost cancel.
             // (Rare: each is a user's command, under its connection's rate limit.)
             "cancel" => return news.do_send(LogNews::Cancel(rest.into())),
-            // Likewise an answer to a question; its verdict goes straight to the waiter.
-            "respond" => match answers::parse_forwarded(rest) {
-                Some((node, token, answer)) => {
-                    return news.do_send(LogNews::Respond {
+            // Likewise a request for one of this node's runs; a reply goes straight to the
+            // request waiting for it.
+            "ask" => match forward::parse_ask(rest) {
+                Some((node, token, request)) => {
+                    return news.do_send(LogNews::Forwarded {
                         node,
                         token,
-                        answer,
+                        request,
                     })
                 }
                 None => {
-                    log::warn!("Redis pub/sub: a malformed answer {rest:?}");
+                    log::warn!("Redis pub/sub: a malformed request {rest:?}");
                     return;
                 }
             },
-            "reply" => return link.answers.deliver(rest),
+            "reply" => return link.forwarded.deliver(rest),
             _ => {
                 log::warn!("Redis pub/sub: unknown control message {payload:?}");
                 return;

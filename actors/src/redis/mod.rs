@@ -19,7 +19,7 @@
 //! What they learn reaches the registry as [`LogNews`]; queries the registry waits on
 //! (claims, reads, run records) are plain futures on a shared multiplexed connection.
 
-pub mod answers;
+pub mod forward;
 pub mod keys;
 mod listener;
 mod nodes;
@@ -165,12 +165,12 @@ pub enum LogNews {
     Stale(UserId),
     /// Another node asks this one to cancel a run.
     Cancel(RunId),
-    /// Another node forwards an answer to a question of one of this node's runs; the verdict
-    /// goes back to `node` under `token`.
-    Respond {
+    /// Another node forwards a request for one of this node's runs; the reply goes back to
+    /// `node` under `token`.
+    Forwarded {
         node: String,
         token: u64,
-        answer: answers::Forwarded,
+        request: forward::Request,
     },
     /// A lost node's open runs, for this node to end (and then forget the node's `members`,
     /// its run list as read).
@@ -225,8 +225,8 @@ pub struct RedisLink {
     appends: mpsc::UnboundedSender<writer::Job>,
     follows: mpsc::UnboundedSender<listener::Follow>,
     up: Arc<AtomicBool>,
-    /// Answers forwarded to other nodes, waiting for their verdict.
-    answers: Arc<answers::Waiting>,
+    /// Requests forwarded to other nodes, waiting for their reply.
+    forwarded: Arc<forward::Waiting>,
 }
 
 impl RedisLink {
@@ -255,7 +255,7 @@ impl RedisLink {
             appends,
             follows,
             up,
-            answers: Arc::default(),
+            forwarded: Arc::default(),
         };
         let arbiter = Arbiter::new();
         let started = arbiter.spawn(writer::run(link.clone(), append_rx, news.clone(), metrics))
@@ -321,7 +321,9 @@ impl RedisLink {
         let _ = self.follows.send(listener::Follow::Stop(user));
     }
 
-    /// Claims a run start against the user's cluster-wide limits and records the run.
+    /// Claims a run start against the user's cluster-wide limits and records the run; a
+    /// published run is also indexed by its id, for batches that reach another node.
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &self,
         user: &UserId,
@@ -330,6 +332,7 @@ impl RedisLink {
         thread_id: Option<&str>,
         max_runs: usize,
         runs_per_minute: u32,
+        published: bool,
     ) -> Result<Claim, Unavailable> {
         let keys = UserKeys::new(user);
         let mut conn = self.conn.clone();
@@ -371,6 +374,15 @@ impl RedisLink {
                 .arg(&member)
                 .query_async(&mut conn)
                 .await;
+        } else if published {
+            // A publisher's batches may reach any node, which must find the run's user.
+            let _: () = redis::cmd("SET")
+                .arg(keys::published_run(run_id))
+                .arg(user.as_ref())
+                .arg("PX")
+                .arg(self.config.run_ttl().as_millis() as u64)
+                .query_async(&mut conn)
+                .await?;
         }
         Ok(claim)
     }

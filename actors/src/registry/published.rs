@@ -86,6 +86,10 @@ impl Handler<Publish> for ConnectionRegistry {
     type Result = ResponseActFuture<Self, Result<BatchAccepted, PublishRefused>>;
 
     fn handle(&mut self, msg: Publish, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shared.is_some() && self.runs.get(&msg.run_id).is_none() {
+            // Maybe another node's run.
+            return self.publish_shared(msg);
+        }
         Box::pin(actix::fut::ready(self.publish(msg, ctx)))
     }
 }
@@ -153,6 +157,9 @@ impl Handler<InspectPublished> for ConnectionRegistry {
                 .then(|| (record.user.clone(), publication.last_n))
         });
         let Some((user, last_n)) = found else {
+            if self.shared.is_some() && self.runs.get(&msg.run_id).is_none() {
+                return self.inspect_published_shared(msg);
+            }
             return Box::pin(actix::fut::ready(Err(InspectRefused::NotFound)));
         };
         let ask = InspectRun {

@@ -18,7 +18,8 @@ use tokio::sync::oneshot;
 
 use crate::event::{Draft, ErrorBody, EventData, Frame, RunStatus};
 use crate::ids::{new_run_id, RunId, UserId};
-use crate::redis::answers::Forwarded;
+use crate::publish::{parse_batch, BatchFault};
+use crate::redis::forward::{Reply, Request, RunPlace};
 use crate::redis::{
     AppendJob, Claim, History, LogNews, Orphan, ReadEnd, RedisConfig, RedisLink, Unavailable,
 };
@@ -348,6 +349,7 @@ impl ConnectionRegistry {
         let run_id = new_run_id();
         let (user, agent, thread_id) = (msg.user.clone(), msg.agent.clone(), msg.thread_id.clone());
         let claim_id = run_id.clone();
+        let published = matches!(checked, super::CheckedStart::Published { .. });
         Box::pin(
             actix::fut::wrap_future(async move {
                 link.claim(
@@ -357,6 +359,7 @@ impl ConnectionRegistry {
                     thread_id.as_deref(),
                     max_runs,
                     per_minute,
+                    published,
                 )
                 .await
             })
@@ -392,47 +395,208 @@ impl ConnectionRegistry {
     }
 
     /// An answer to a question of a run this node does not have: it goes to the run's node,
-    /// whose actor settles it (`redis/answers.rs`).
+    /// whose actor settles it (`redis/forward.rs`).
     pub(super) fn respond_shared(&mut self, msg: Respond) -> Answer<Result<(), RespondRefused>> {
         let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
             return Box::pin(actix::fut::ready(Err(RespondRefused::NotFound)));
         };
         Box::pin(actix::fut::wrap_future(async move {
-            link.respond(&msg.user, &msg.run_id, msg.interrupt_id, msg.response)
-                .await
-                .unwrap_or_else(|e| {
+            let node = match link.place(&msg.user, &msg.run_id).await {
+                Ok(RunPlace::On(node)) => node,
+                // Ended: whatever it asked was settled when it did.
+                Ok(RunPlace::Ended { .. }) => return Err(RespondRefused::Resolved),
+                Ok(RunPlace::Here | RunPlace::Nowhere) => return Err(RespondRefused::NotFound),
+                Err(e) => {
+                    log::warn!("answer to a question of run {}: {e}", msg.run_id);
+                    return Err(RespondRefused::Unavailable);
+                }
+            };
+            let request = Request::Respond {
+                user: msg.user.to_string(),
+                run_id: msg.run_id.clone(),
+                interrupt_id: msg.interrupt_id,
+                response: msg.response,
+            };
+            match link.ask(&node, &request).await {
+                Ok(reply) => reply.into_respond(),
+                Err(e) => {
                     log::warn!("answer to a question of run {}: {e}", msg.run_id);
                     Err(RespondRefused::Unavailable)
-                })
+                }
+            }
         }))
     }
 
-    /// An answer another node forwarded: settled here as a local one, the verdict sent back.
-    fn respond_forwarded(
+    /// A batch of a published run this node does not have: it goes to the run's node (found
+    /// through the run's index on Redis), whose ledger decides.
+    pub(super) fn publish_shared(
+        &mut self,
+        msg: Publish,
+    ) -> Answer<Result<BatchAccepted, PublishRefused>> {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return Box::pin(actix::fut::ready(Err(PublishRefused::NotFound)));
+        };
+        Box::pin(actix::fut::wrap_future(async move {
+            let run_id = msg.run_id.clone();
+            let unavailable = |e: crate::redis::Unavailable| {
+                log::warn!("a batch of run {run_id}: {e}");
+                PublishRefused::Unavailable
+            };
+            let Some(user) = link
+                .published_user(&msg.run_id)
+                .await
+                .map_err(unavailable)?
+            else {
+                return Err(PublishRefused::NotFound);
+            };
+            let (node, ended) = match link.place(&user, &msg.run_id).await.map_err(unavailable)? {
+                RunPlace::On(node) => (node, None),
+                RunPlace::Ended { node, status } => (node, Some(status)),
+                RunPlace::Here | RunPlace::Nowhere => return Err(PublishRefused::NotFound),
+            };
+            let events = msg.events.iter().map(|e| e.to_wire()).collect();
+            let request = Request::Publish {
+                publisher: msg.publisher,
+                only_run: msg.only_run,
+                run_id: msg.run_id,
+                events,
+            };
+            match (link.ask(&node, &request).await, ended) {
+                (Ok(reply), _) => reply.into_publish(),
+                // Its node is gone, and what it accepted with it: a retry cannot be told
+                // from a new batch any more.
+                (Err(_), Some(status)) => Err(PublishRefused::Ended(status)),
+                (Err(e), None) => Err(unavailable(e)),
+            }
+        }))
+    }
+
+    /// A publisher's view of a run this node does not have: its node says whether this
+    /// publisher may see it, and its `last_n`; the run is read from Redis here.
+    pub(super) fn inspect_published_shared(
+        &mut self,
+        msg: InspectPublished,
+    ) -> Answer<Result<(RunView, u64), InspectRefused>> {
+        let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
+            return Box::pin(actix::fut::ready(Err(InspectRefused::NotFound)));
+        };
+        let owner = async move {
+            let unavailable = |e: crate::redis::Unavailable| {
+                log::warn!("a publisher's view of run {}: {e}", msg.run_id);
+                InspectRefused::Unavailable
+            };
+            let Some(user) = link
+                .published_user(&msg.run_id)
+                .await
+                .map_err(unavailable)?
+            else {
+                return Err(InspectRefused::NotFound);
+            };
+            let node = match link.place(&user, &msg.run_id).await.map_err(unavailable)? {
+                RunPlace::On(node) | RunPlace::Ended { node, .. } => node,
+                RunPlace::Here | RunPlace::Nowhere => return Err(InspectRefused::NotFound),
+            };
+            let request = Request::Owner {
+                publisher: msg.publisher,
+                only_run: msg.only_run,
+                run_id: msg.run_id.clone(),
+            };
+            match link.ask(&node, &request).await.map_err(unavailable)? {
+                Reply::Owner { last_n } => Ok((user, msg.run_id, last_n)),
+                _ => Err(InspectRefused::NotFound),
+            }
+        };
+        Box::pin(
+            actix::fut::wrap_future(owner).then(|owner, act: &mut Self, ctx| match owner {
+                Ok((user, run_id, last_n)) => {
+                    let view = act.inspect_shared(InspectRun { user, run_id }, ctx);
+                    Box::pin(view.map(move |view, _, _| view.map(|view| (view, last_n))))
+                        as Answer<_>
+                }
+                Err(refused) => Box::pin(actix::fut::ready(Err(refused))),
+            }),
+        )
+    }
+
+    /// A request another node forwarded for one of this node's runs: decided as a local
+    /// one, the reply sent back.
+    fn serve_forwarded(
         &mut self,
         node: String,
         token: u64,
-        answer: Forwarded,
+        request: Request,
         ctx: &mut Context<Self>,
     ) {
         let Some(link) = self.shared.as_ref().map(|s| s.link.clone()) else {
             return;
         };
-        let msg = Respond {
-            user: UserId::from(answer.user.as_str()),
-            run_id: answer.run_id,
-            interrupt_id: answer.interrupt_id,
-            response: answer.response,
+        let reply: Answer<Reply> = match request {
+            Request::Respond {
+                user,
+                run_id,
+                interrupt_id,
+                response,
+            } => {
+                let msg = Respond {
+                    user: UserId::from(user.as_str()),
+                    run_id,
+                    interrupt_id,
+                    response,
+                };
+                // Not this node's (any more): its record on Redis is how the asker found it.
+                let verdict = if self.runs.get(&msg.run_id).is_some() {
+                    self.respond(msg)
+                } else {
+                    Box::pin(actix::fut::ready(Err(RespondRefused::Resolved)))
+                };
+                Box::pin(verdict.map(|result, _, _| Reply::of_respond(&result)))
+            }
+            Request::Publish {
+                publisher,
+                only_run,
+                run_id,
+                events,
+            } => {
+                let reply = match parse_batch(&serde_json::json!({ "events": events })) {
+                    Ok(events) => {
+                        let msg = Publish {
+                            publisher,
+                            only_run,
+                            run_id,
+                            events,
+                        };
+                        Reply::of_publish(&self.publish(msg, ctx))
+                    }
+                    // The asking node read the batch the same way before sending it.
+                    Err(BatchFault::Shape { index, message }) => Reply::Rule {
+                        index: index.unwrap_or(0),
+                        message,
+                    },
+                    Err(BatchFault::Type { index, message }) => Reply::Rule { index, message },
+                };
+                Box::pin(actix::fut::ready(reply))
+            }
+            Request::Owner {
+                publisher,
+                only_run,
+                run_id,
+            } => {
+                let who = super::runs::PublisherRef {
+                    name: &publisher,
+                    only_run: only_run.as_deref(),
+                };
+                let reply = self
+                    .runs
+                    .get(&run_id)
+                    .and_then(|(_, record)| record.publication.as_ref())
+                    .filter(|p| p.allows(&run_id, who))
+                    .map_or(Reply::NotFound, |p| Reply::Owner { last_n: p.last_n });
+                Box::pin(actix::fut::ready(reply))
+            }
         };
-        // Not this node's (any more): its record on Redis is how the asking node found it.
-        let verdict = if self.runs.get(&msg.run_id).is_some() {
-            self.respond(msg)
-        } else {
-            Box::pin(actix::fut::ready(Err(RespondRefused::Resolved)))
-        };
-        ctx.spawn(verdict.map(move |result, _, ctx| {
+        ctx.spawn(reply.map(move |reply, _, ctx| {
             ctx.spawn(actix::fut::wrap_future(async move {
-                link.reply(&node, token, &result).await
+                link.reply(&node, token, &reply).await
             }));
         }));
     }
@@ -649,11 +813,11 @@ impl Handler<LogNews> for ConnectionRegistry {
             LogNews::Cancel(run_id) => {
                 self.runs.stop(&run_id, CancelReason::Requested);
             }
-            LogNews::Respond {
+            LogNews::Forwarded {
                 node,
                 token,
-                answer,
-            } => self.respond_forwarded(node, token, answer, ctx),
+                request,
+            } => self.serve_forwarded(node, token, request, ctx),
             LogNews::Orphans {
                 node,
                 runs,
