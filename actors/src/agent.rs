@@ -129,7 +129,10 @@ impl AgentRun {
     /// changed this way.
     pub fn add_usage(&self, name: &'static str, amount: u64) {
         if name == "tool_calls" {
-            log::warn!("run {}: an agent tried to add to usage.tool_calls", self.run_id());
+            log::warn!(
+                "run {}: an agent tried to add to usage.tool_calls",
+                self.run_id()
+            );
             return;
         }
         let mut added = self.usage.added.lock().unwrap_or_else(|p| p.into_inner());

@@ -28,7 +28,7 @@ use crate::catalog::Toolbox;
 use crate::interrupt::Approval;
 
 pub use chunks::{MAX_ARGUMENTS_BYTES, MAX_TOOL_CALLS};
-pub use client::{CONNECT_TIMEOUT, MAX_RESPONSE_BYTES};
+pub use client::{CONNECT_TIMEOUT, MAX_LINE_BYTES, MAX_RESPONSE_BYTES};
 
 use chunks::{parse_chunk, Response, ToolCall, Usage};
 use client::{Endpoint, StreamError};
@@ -88,7 +88,10 @@ pub struct Llm {
 impl Llm {
     pub fn new(settings: LlmSettings) -> Self {
         let endpoint = Endpoint {
-            url: format!("{}/chat/completions", settings.base_url.trim_end_matches('/')),
+            url: format!(
+                "{}/chat/completions",
+                settings.base_url.trim_end_matches('/')
+            ),
             api_key: settings.api_key.clone(),
             idle_timeout: settings.idle_timeout,
         };
@@ -154,7 +157,9 @@ impl Llm {
             }
         }
         if response.finish_reason.is_none() {
-            return Err(llm_error("the model's stream ended without a finish_reason"));
+            return Err(llm_error(
+                "the model's stream ended without a finish_reason",
+            ));
         }
         Ok(response)
     }

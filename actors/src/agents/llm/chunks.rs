@@ -98,8 +98,8 @@ struct WireDelta {
 /// Reads one chunk (the JSON of a `data:` line other than `[DONE]`). Only the first choice is
 /// read: the agent never asks for more than one (`n` is not sent).
 pub fn parse_chunk(data: &str) -> Result<Delta, String> {
-    let chunk: Chunk =
-        serde_json::from_str(data).map_err(|e| format!("a malformed chunk from the model ({e})"))?;
+    let chunk: Chunk = serde_json::from_str(data)
+        .map_err(|e| format!("a malformed chunk from the model ({e})"))?;
     if let Some(error) = chunk.error {
         let message = error
             .get("message")
@@ -186,12 +186,15 @@ impl Response {
                     "the model asked for more than {MAX_TOOL_CALLS} tool calls at once"
                 ));
             }
-            let call = self.calls.entry(fragment.index).or_insert_with(|| ToolCall {
-                id: String::new(),
-                name: String::new(),
-                arguments: String::new(),
-                too_long: false,
-            });
+            let call = self
+                .calls
+                .entry(fragment.index)
+                .or_insert_with(|| ToolCall {
+                    id: String::new(),
+                    name: String::new(),
+                    arguments: String::new(),
+                    too_long: false,
+                });
             if let Some(id) = fragment.id.filter(|id| !id.is_empty()) {
                 call.id = id;
             }
@@ -249,7 +252,10 @@ mod tests {
     #[test]
     fn first_delta_with_role_and_empty_or_null_content_says_nothing() {
         for content in [json!(null), json!("")] {
-            let d = delta(choice(json!({"role":"assistant","content":content}), json!(null)));
+            let d = delta(choice(
+                json!({"role":"assistant","content":content}),
+                json!(null),
+            ));
             assert_eq!(d, Delta::default());
         }
     }
@@ -280,26 +286,40 @@ mod tests {
             .unwrap();
         let calls = r.tool_calls();
         assert_eq!(calls.len(), 2);
-        assert_eq!((calls[0].id.as_str(), calls[0].name.as_str()), ("call_a", "calculator"));
+        assert_eq!(
+            (calls[0].id.as_str(), calls[0].name.as_str()),
+            ("call_a", "calculator")
+        );
         assert_eq!(calls[0].parsed_arguments().unwrap(), json!({"expr":"1+1"}));
-        assert_eq!((calls[1].id.as_str(), calls[1].name.as_str()), ("call_b", "clock"));
+        assert_eq!(
+            (calls[1].id.as_str(), calls[1].name.as_str()),
+            ("call_b", "clock")
+        );
         assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
     }
 
     #[test]
     fn usage_chunk_has_no_choices() {
         let mut r = Response::default();
-        let mut d = delta(json!({"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}));
+        let mut d = delta(
+            json!({"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}),
+        );
         r.add(&mut d).unwrap();
         assert_eq!(
             r.usage,
-            Some(Usage { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 })
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                total_tokens: 7
+            })
         );
     }
 
     #[test]
     fn malformed_chunks_and_error_chunks_are_errors() {
-        assert!(parse_chunk("{\"choices\":").unwrap_err().contains("malformed"));
+        assert!(parse_chunk("{\"choices\":")
+            .unwrap_err()
+            .contains("malformed"));
         assert!(parse_chunk("[1,2]").unwrap_err().contains("malformed"));
         let e = parse_chunk(r#"{"error":{"message":"overloaded"}}"#).unwrap_err();
         assert!(e.contains("overloaded"), "{e}");
@@ -318,7 +338,10 @@ mod tests {
             .unwrap();
         }
         let calls = r.tool_calls();
-        assert!(calls[0].parsed_arguments().unwrap_err().contains("not JSON"));
+        assert!(calls[0]
+            .parsed_arguments()
+            .unwrap_err()
+            .contains("not JSON"));
         assert!(calls[1].too_long);
         assert!(calls[1].arguments.len() <= MAX_ARGUMENTS_BYTES);
         assert!(calls[1].parsed_arguments().unwrap_err().contains("longer"));
@@ -341,8 +364,11 @@ mod tests {
     fn too_many_calls_is_an_error() {
         let mut r = Response::default();
         for i in 0..MAX_TOOL_CALLS as u64 {
-            r.add(&mut delta(choice(json!({"tool_calls":[{"index":i,"id":"x","function":{"name":"clock"}}]}), json!(null))))
-                .unwrap();
+            r.add(&mut delta(choice(
+                json!({"tool_calls":[{"index":i,"id":"x","function":{"name":"clock"}}]}),
+                json!(null),
+            )))
+            .unwrap();
         }
         let mut one_more = delta(choice(
             json!({"tool_calls":[{"index":999_999_999_u64,"function":{"name":"clock"}}]}),

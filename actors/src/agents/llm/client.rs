@@ -21,6 +21,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// server that never stops, or sends one endless line, can make the server hold.
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
+/// Bytes of one line of the stream at most (a chunk is one line; real ones are a few hundred
+/// bytes). The SSE parser looks for a line's end from its start at every read, so one endless
+/// line would cost time growing with its square.
+pub const MAX_LINE_BYTES: usize = 256 * 1024;
+
 /// Bytes of an HTTP error's body quoted in the run's error message.
 const MAX_ERROR_BODY: usize = 512;
 
@@ -47,11 +52,9 @@ pub enum StreamError {
 impl std::fmt::Display for StreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StreamError::Idle(d) => write!(
-                f,
-                "the model server sent nothing for {} ms",
-                d.as_millis()
-            ),
+            StreamError::Idle(d) => {
+                write!(f, "the model server sent nothing for {} ms", d.as_millis())
+            }
             StreamError::Failed(why) => f.write_str(why),
         }
     }
@@ -95,6 +98,36 @@ pub fn open(endpoint: &Endpoint, body: Value) -> ModelStream {
 enum BodyError {
     Transport(awc::error::PayloadError),
     TooLong,
+    LineTooLong,
+}
+
+/// Counts a response's bytes as they arrive, against [`MAX_RESPONSE_BYTES`] and
+/// [`MAX_LINE_BYTES`].
+#[derive(Default)]
+struct Budget {
+    read: usize,
+    /// Bytes since the last line end.
+    line: usize,
+}
+
+impl Budget {
+    fn take(&mut self, piece: &[u8]) -> Result<(), BodyError> {
+        self.read += piece.len();
+        if self.read > MAX_RESPONSE_BYTES {
+            return Err(BodyError::TooLong);
+        }
+        for byte in piece {
+            if *byte == b'\n' || *byte == b'\r' {
+                self.line = 0;
+            } else {
+                self.line += 1;
+                if self.line > MAX_LINE_BYTES {
+                    return Err(BodyError::LineTooLong);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Display for BodyError {
@@ -104,6 +137,10 @@ impl std::fmt::Display for BodyError {
             BodyError::TooLong => write!(
                 f,
                 "the model's response is longer than {MAX_RESPONSE_BYTES} bytes"
+            ),
+            BodyError::LineTooLong => write!(
+                f,
+                "the model's stream has a line longer than {MAX_LINE_BYTES} bytes"
             ),
         }
     }
@@ -151,14 +188,11 @@ async fn stream_payloads(
             }
         )));
     }
-    let mut read = 0usize;
+    let mut budget = Budget::default();
     let bytes = response.map(move |piece| {
         let piece = piece.map_err(BodyError::Transport)?;
-        read += piece.len();
-        if read > MAX_RESPONSE_BYTES {
-            return Err(BodyError::TooLong);
-        }
-        Ok(piece)
+        budget.take(&piece)?;
+        Ok::<_, BodyError>(piece)
     });
     let mut events = bytes.eventsource();
     loop {
@@ -205,4 +239,41 @@ where
     }
     kept.truncate(MAX_ERROR_BODY);
     String::from_utf8_lossy(&kept).trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_bounds_the_response_and_each_line() {
+        let mut b = Budget::default();
+        let mut one_piece = vec![b'x'; MAX_LINE_BYTES + 1];
+        one_piece.extend_from_slice(b"\n\n");
+        assert!(matches!(b.take(&one_piece), Err(BodyError::LineTooLong)));
+
+        let mut b = Budget::default();
+        let line = vec![b'x'; MAX_LINE_BYTES / 2];
+        assert!(b.take(&line).is_ok());
+        assert!(b.take(&line).is_ok());
+        assert!(matches!(b.take(b"y"), Err(BodyError::LineTooLong)));
+
+        let mut b = Budget::default();
+        let mut lines = vec![b'x'; MAX_LINE_BYTES - 2];
+        lines.extend_from_slice(b"\n\n");
+        let mut result = Ok(());
+        for _ in 0..=MAX_RESPONSE_BYTES / lines.len() {
+            result = b.take(&lines);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(matches!(result, Err(BodyError::TooLong)));
+
+        let mut b = Budget::default();
+        assert!(b.take(b"data: a\r\n").is_ok());
+        assert_eq!(b.line, 0);
+        assert!(b.take(b"\nda").is_ok());
+        assert_eq!(b.line, 2);
+    }
 }
