@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use clap::Args;
 
+use agentcast_actors::agents::llm::{LlmSettings, FAULT_TOOLS};
+use agentcast_actors::catalog::Toolbox;
+
 use crate::auth::Signer;
 use crate::keys::KeySettings;
 use crate::origins::{BadOrigin, OriginPolicy};
@@ -195,6 +198,48 @@ pub struct Config {
     /// Connections the server accepts at once, over all workers.
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+
+    /// An OpenAI-compatible Chat Completions server (PROTOCOL.md section 14), e.g.
+    /// `http://127.0.0.1:11434/v1` for Ollama: the agent `llm` is offered only when this is set.
+    #[arg(long, env = "AGENTCAST_LLM_BASE_URL", value_name = "URL")]
+    pub llm_base_url: Option<String>,
+
+    /// The model the `llm` agent asks (the request's `model`), e.g. `qwen3:0.6b`.
+    #[arg(long, env = "AGENTCAST_LLM_MODEL")]
+    pub llm_model: Option<String>,
+
+    /// Sent to the model server as `Authorization: Bearer`; never logged.
+    #[arg(long, env = "AGENTCAST_LLM_API_KEY", hide_env_values = true)]
+    pub llm_api_key: Option<String>,
+
+    /// The tools the model may call, comma-separated. Default: every tool but the fault
+    /// tools (`fail`, `panic`).
+    #[arg(
+        long,
+        env = "AGENTCAST_LLM_TOOLS",
+        value_delimiter = ',',
+        value_name = "TOOLS"
+    )]
+    pub llm_tools: Vec<String>,
+
+    /// Model calls one `llm` run makes at most (each tool round is one more).
+    #[arg(long, env = "AGENTCAST_LLM_MAX_STEPS", default_value_t = 8)]
+    pub llm_max_steps: u32,
+
+    /// Tools the user must approve (PROTOCOL.md section 12) before the model's call runs,
+    /// comma-separated.
+    #[arg(
+        long,
+        env = "AGENTCAST_LLM_APPROVE_TOOLS",
+        value_delimiter = ',',
+        value_name = "TOOLS"
+    )]
+    pub llm_approve_tools: Vec<String>,
+
+    /// A model call that sends nothing (no response head, no byte of its stream) for this
+    /// long ends the run `failed` (`llm_error`). Loading a model can take a while.
+    #[arg(long, env = "AGENTCAST_LLM_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
+    pub llm_idle_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -230,6 +275,13 @@ impl Default for Config {
             max_connections_per_user: 32,
             allowed_origins: Vec::new(),
             max_connections: 100_000,
+            llm_base_url: None,
+            llm_model: None,
+            llm_api_key: None,
+            llm_tools: Vec::new(),
+            llm_max_steps: 8,
+            llm_approve_tools: Vec::new(),
+            llm_idle_timeout_ms: 120_000,
         }
     }
 }
@@ -266,6 +318,13 @@ impl std::fmt::Debug for Config {
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("allowed_origins", &self.allowed_origins)
             .field("max_connections", &self.max_connections)
+            .field("llm_base_url", &self.llm_base_url)
+            .field("llm_model", &self.llm_model)
+            .field("llm_api_key", &hidden(&self.llm_api_key))
+            .field("llm_tools", &self.llm_tools)
+            .field("llm_max_steps", &self.llm_max_steps)
+            .field("llm_approve_tools", &self.llm_approve_tools)
+            .field("llm_idle_timeout_ms", &self.llm_idle_timeout_ms)
             .finish()
     }
 }
@@ -287,6 +346,14 @@ pub enum ConfigError {
     BadNodeId,
     NodeTimeoutTooShort,
     Zero(&'static str),
+    /// `--llm-base-url` that is not an http:// or https:// URL: the value and why.
+    BadLlmBaseUrl(String, String),
+    /// An `--llm-*` flag without `--llm-base-url`.
+    LlmFlagAlone(&'static str),
+    /// `--llm-base-url` without `--llm-model`.
+    NoLlmModel,
+    /// A tool named by `--llm-tools` or `--llm-approve-tools` that the model cannot call.
+    UnknownLlmTool(&'static str, String),
 }
 
 impl std::fmt::Display for ConfigError {
@@ -327,6 +394,21 @@ impl std::fmt::Display for ConfigError {
                  shorter one takes live nodes for lost"
             ),
             ConfigError::Zero(name) => write!(f, "--{name} must be greater than 0"),
+            ConfigError::BadLlmBaseUrl(url, why) => write!(
+                f,
+                "--llm-base-url {url:?} is not a URL like http://127.0.0.1:11434/v1: {why}"
+            ),
+            ConfigError::NoLlmModel => {
+                write!(f, "--llm-base-url needs --llm-model (the model to ask)")
+            }
+            ConfigError::LlmFlagAlone(flag) => write!(
+                f,
+                "--{flag} configures the llm agent, which needs --llm-base-url"
+            ),
+            ConfigError::UnknownLlmTool(flag, tool) => write!(
+                f,
+                "--{flag} names {tool:?}, which is not a tool the model may call"
+            ),
         }
     }
 }
@@ -393,6 +475,7 @@ impl Config {
                 return Err(ConfigError::BadNodeId);
             }
         }
+        self.validate_llm()?;
         for (name, v) in [
             ("run-timeout-ms", self.run_timeout_ms),
             ("interrupt-timeout-ms", self.interrupt_timeout_ms),
@@ -410,6 +493,8 @@ impl Config {
             ("max-connections", self.max_connections as u64),
             ("jwt-key-check-ms", self.jwt_key_check_ms),
             ("runs-per-minute", self.runs_per_minute as u64),
+            ("llm-max-steps", self.llm_max_steps as u64),
+            ("llm-idle-timeout-ms", self.llm_idle_timeout_ms),
             (
                 "max-connections-per-user",
                 self.max_connections_per_user as u64,
@@ -497,9 +582,100 @@ impl Config {
         Duration::from_millis(self.run_timeout_ms)
     }
 
+    /// The `llm` agent's flags on their own (the tools they name are checked against the
+    /// catalog by [`Config::check_llm_tools`]).
+    fn validate_llm(&self) -> Result<(), ConfigError> {
+        let Some(url) = &self.llm_base_url else {
+            let alone = [
+                ("llm-model", self.llm_model.is_some()),
+                ("llm-api-key", self.llm_api_key.is_some()),
+                ("llm-tools", !self.llm_tools.is_empty()),
+                ("llm-approve-tools", !self.llm_approve_tools.is_empty()),
+            ];
+            return match alone.into_iter().find(|(_, set)| *set) {
+                Some((flag, _)) => Err(ConfigError::LlmFlagAlone(flag)),
+                None => Ok(()),
+            };
+        };
+        check_base_url(url).map_err(|why| ConfigError::BadLlmBaseUrl(url.clone(), why))?;
+        match &self.llm_model {
+            None => return Err(ConfigError::NoLlmModel),
+            Some(m) if m.is_empty() => return Err(ConfigError::Empty("llm-model")),
+            Some(_) => {}
+        }
+        if self.llm_api_key.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::Empty("llm-api-key"));
+        }
+        Ok(())
+    }
+
+    /// The `llm` agent's settings, when `--llm-base-url` is set.
+    pub fn llm_settings(&self) -> Option<LlmSettings> {
+        let base_url = self.llm_base_url.clone()?;
+        let names = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect()
+        };
+        let tools = names(&self.llm_tools);
+        Some(LlmSettings {
+            base_url,
+            model: self.llm_model.clone().unwrap_or_default(),
+            api_key: self.llm_api_key.clone(),
+            tools: (!tools.is_empty()).then_some(tools),
+            max_steps: self.llm_max_steps,
+            approve_tools: names(&self.llm_approve_tools),
+            idle_timeout: Duration::from_millis(self.llm_idle_timeout_ms),
+        })
+    }
+
+    /// Every tool `--llm-tools` and `--llm-approve-tools` name must be one the model can call:
+    /// a typo would otherwise silently offer nothing, or run a tool unasked.
+    pub fn check_llm_tools(&self, toolbox: &Toolbox) -> Result<(), ConfigError> {
+        let Some(settings) = self.llm_settings() else {
+            return Ok(());
+        };
+        for tool in settings.tools.iter().flatten() {
+            if !toolbox.contains(tool) {
+                return Err(ConfigError::UnknownLlmTool("llm-tools", tool.clone()));
+            }
+        }
+        let offered = |tool: &str| match &settings.tools {
+            Some(names) => names.iter().any(|n| n == tool),
+            None => !FAULT_TOOLS.contains(&tool),
+        };
+        for tool in &settings.approve_tools {
+            if !toolbox.contains(tool) || !offered(tool) {
+                return Err(ConfigError::UnknownLlmTool(
+                    "llm-approve-tools",
+                    tool.clone(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn interrupt_timeout(&self) -> Duration {
         Duration::from_millis(self.interrupt_timeout_ms)
     }
+}
+
+/// An http:// or https:// URL with a host, and nothing after the path (the agent appends
+/// `/chat/completions`).
+fn check_base_url(url: &str) -> Result<(), String> {
+    let uri: awc::http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("it must start with http:// or https://".into()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("it has no host".into());
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err("it must not have a query or a fragment".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -584,5 +760,74 @@ mod tests {
                 "{flag} \"\""
             );
         }
+    }
+
+    #[test]
+    fn llm_flags_are_checked() {
+        let ok = parse(&[
+            "--llm-base-url",
+            "http://127.0.0.1:11434/v1",
+            "--llm-model",
+            "m",
+        ]);
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.llm_settings().map(|s| s.max_steps), Some(8));
+        assert!(parse(&[]).llm_settings().is_none());
+        for (args, want) in [
+            (
+                vec!["--llm-base-url", "ftp://x/v1", "--llm-model", "m"],
+                "http://",
+            ),
+            (
+                vec!["--llm-base-url", "localhost:11434", "--llm-model", "m"],
+                "--llm-base-url",
+            ),
+            (
+                vec!["--llm-base-url", "http://x/v1?a=1", "--llm-model", "m"],
+                "query",
+            ),
+            (vec!["--llm-base-url", "http://x/v1"], "--llm-model"),
+            (vec!["--llm-model", "m"], "needs --llm-base-url"),
+            (vec!["--llm-approve-tools", "clock"], "needs --llm-base-url"),
+            (
+                vec![
+                    "--llm-base-url",
+                    "http://x/v1",
+                    "--llm-model",
+                    "m",
+                    "--llm-max-steps",
+                    "0",
+                ],
+                "--llm-max-steps must be greater than 0",
+            ),
+            (
+                vec![
+                    "--llm-base-url",
+                    "http://x/v1",
+                    "--llm-model",
+                    "m",
+                    "--llm-api-key",
+                    "",
+                ],
+                "--llm-api-key is empty",
+            ),
+        ] {
+            let e = parse(&args).validate().expect_err("a bad llm flag");
+            assert!(e.to_string().contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_llm_api_key_is_not_in_debug_output() {
+        let c = parse(&[
+            "--llm-base-url",
+            "http://127.0.0.1:1/v1",
+            "--llm-model",
+            "m",
+            "--llm-api-key",
+            "sk-hunter2",
+        ]);
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!format!("{:?}", c.llm_settings()).contains("hunter2"));
     }
 }
