@@ -657,3 +657,22 @@ async fn api_key_never_logged() {
         assert!(!line.contains(KEY), "a log line holds the key: {line}");
     }
 }
+
+/// https is spoken (rustls): against the fake, which speaks plain HTTP, the TLS handshake
+/// fails and says so; it is not refused as unsupported.
+#[tokio::test]
+async fn https_is_spoken() {
+    let fake = FakeModel::start(vec![]).await;
+    let base = fake.base_url.replace("http://", "https://");
+    let server = start(agentcast::Config {
+        llm_base_url: Some(base),
+        ..llm_config(&fake)
+    });
+    let events = run_llm(&server, json!("hi")).await;
+    let message = llm_error(&events);
+    assert!(
+        message.contains("cannot reach the model server"),
+        "{message}"
+    );
+    assert!(!message.contains("SSL is not supported"), "{message}");
+}
