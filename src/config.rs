@@ -672,6 +672,10 @@ fn check_base_url(url: &str) -> Result<(), String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err("it has no host".into());
     }
+    // A key in the URL would be logged with it (the start-up line names the URL).
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("it must not hold credentials: give the key with --llm-api-key".into());
+    }
     if uri.query().is_some() || url.contains('#') {
         return Err("it must not have a query or a fragment".into());
     }
@@ -787,6 +791,10 @@ mod tests {
                 "query",
             ),
             (vec!["--llm-base-url", "http://x/v1"], "--llm-model"),
+            (
+                vec!["--llm-base-url", "https://u:sk@x/v1", "--llm-model", "m"],
+                "credentials",
+            ),
             (vec!["--llm-model", "m"], "needs --llm-base-url"),
             (vec!["--llm-approve-tools", "clock"], "needs --llm-base-url"),
             (
