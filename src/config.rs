@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use clap::Args;
 
+use agentcast_actors::agents::llm::{LlmSettings, FAULT_TOOLS};
+use agentcast_actors::catalog::Toolbox;
+
 use crate::auth::Signer;
 use crate::keys::KeySettings;
 use crate::origins::{BadOrigin, OriginPolicy};
@@ -219,6 +222,48 @@ pub struct Config {
     /// Connections the server accepts at once, over all workers.
     #[arg(long, env = "AGENTCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+
+    /// An OpenAI-compatible Chat Completions server (PROTOCOL.md section 14), e.g.
+    /// `http://127.0.0.1:11434/v1` for Ollama: the agent `llm` is offered only when this is set.
+    #[arg(long, env = "AGENTCAST_LLM_BASE_URL", value_name = "URL")]
+    pub llm_base_url: Option<String>,
+
+    /// The model the `llm` agent asks (the request's `model`), e.g. `qwen3:0.6b`.
+    #[arg(long, env = "AGENTCAST_LLM_MODEL")]
+    pub llm_model: Option<String>,
+
+    /// Sent to the model server as `Authorization: Bearer`; never logged.
+    #[arg(long, env = "AGENTCAST_LLM_API_KEY", hide_env_values = true)]
+    pub llm_api_key: Option<String>,
+
+    /// The tools the model may call, comma-separated. Default: every tool but the fault
+    /// tools (`fail`, `panic`).
+    #[arg(
+        long,
+        env = "AGENTCAST_LLM_TOOLS",
+        value_delimiter = ',',
+        value_name = "TOOLS"
+    )]
+    pub llm_tools: Vec<String>,
+
+    /// Model calls one `llm` run makes at most (each tool round is one more).
+    #[arg(long, env = "AGENTCAST_LLM_MAX_STEPS", default_value_t = 8)]
+    pub llm_max_steps: u32,
+
+    /// Tools the user must approve (PROTOCOL.md section 12) before the model's call runs,
+    /// comma-separated.
+    #[arg(
+        long,
+        env = "AGENTCAST_LLM_APPROVE_TOOLS",
+        value_delimiter = ',',
+        value_name = "TOOLS"
+    )]
+    pub llm_approve_tools: Vec<String>,
+
+    /// A model call that sends nothing (no response head, no byte of its stream) for this
+    /// long ends the run `failed` (`llm_error`). Loading a model can take a while.
+    #[arg(long, env = "AGENTCAST_LLM_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
+    pub llm_idle_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -258,6 +303,13 @@ impl Default for Config {
             publish_max_body_bytes: 1024 * 1024,
             public_url: None,
             max_connections: 100_000,
+            llm_base_url: None,
+            llm_model: None,
+            llm_api_key: None,
+            llm_tools: Vec::new(),
+            llm_max_steps: 8,
+            llm_approve_tools: Vec::new(),
+            llm_idle_timeout_ms: 120_000,
         }
     }
 }
@@ -298,6 +350,13 @@ impl std::fmt::Debug for Config {
             .field("publish_max_body_bytes", &self.publish_max_body_bytes)
             .field("public_url", &self.public_url)
             .field("max_connections", &self.max_connections)
+            .field("llm_base_url", &self.llm_base_url)
+            .field("llm_model", &self.llm_model)
+            .field("llm_api_key", &hidden(&self.llm_api_key))
+            .field("llm_tools", &self.llm_tools)
+            .field("llm_max_steps", &self.llm_max_steps)
+            .field("llm_approve_tools", &self.llm_approve_tools)
+            .field("llm_idle_timeout_ms", &self.llm_idle_timeout_ms)
             .finish()
     }
 }
@@ -319,11 +378,19 @@ pub enum ConfigError {
     BadNodeId,
     NodeTimeoutTooShort,
     Zero(&'static str),
-    /// A `--webhook-agent` that is not `NAME=URL` with an http URL: the entry and why.
+    /// A `--webhook-agent` that is not `NAME=URL` with an http(s) URL: the entry and why.
     BadWebhookAgent(String, &'static str),
     /// `--webhook-agent` on a server that cannot sign its per-run tokens.
     WebhookWithoutSecret,
     BadPublicUrl(String),
+    /// `--llm-base-url` that is not an http:// or https:// URL: the value and why.
+    BadLlmBaseUrl(String, String),
+    /// An `--llm-*` flag without `--llm-base-url`.
+    LlmFlagAlone(&'static str),
+    /// `--llm-base-url` without `--llm-model`.
+    NoLlmModel,
+    /// A tool named by `--llm-tools` or `--llm-approve-tools` that the model cannot call.
+    UnknownLlmTool(&'static str, String),
 }
 
 impl std::fmt::Display for ConfigError {
@@ -369,11 +436,28 @@ impl std::fmt::Display for ConfigError {
             }
             ConfigError::WebhookWithoutSecret => write!(
                 f,
-                "--webhook-agent needs --jwt-secret (or dev mode): the server signs each                  webhook run's publisher token"
+                "--webhook-agent needs --jwt-secret (or dev mode): the server signs each \
+                 webhook run's publisher token"
             ),
             ConfigError::BadPublicUrl(url) => write!(
                 f,
-                "--public-url {url:?} must be an http:// or https:// URL without a path, query                  or trailing slash, e.g. https://agentcast.example.com"
+                "--public-url {url:?} must be an http:// or https:// URL without a path, query \
+                 or trailing slash, e.g. https://agentcast.example.com"
+            ),
+            ConfigError::BadLlmBaseUrl(url, why) => write!(
+                f,
+                "--llm-base-url {url:?} is not a URL like http://127.0.0.1:11434/v1: {why}"
+            ),
+            ConfigError::NoLlmModel => {
+                write!(f, "--llm-base-url needs --llm-model (the model to ask)")
+            }
+            ConfigError::LlmFlagAlone(flag) => write!(
+                f,
+                "--{flag} configures the llm agent, which needs --llm-base-url"
+            ),
+            ConfigError::UnknownLlmTool(flag, tool) => write!(
+                f,
+                "--{flag} names {tool:?}, which is not a tool the model may call"
             ),
         }
     }
@@ -452,6 +536,7 @@ impl Config {
                 return Err(ConfigError::BadNodeId);
             }
         }
+        self.validate_llm()?;
         for (name, v) in [
             ("run-timeout-ms", self.run_timeout_ms),
             ("interrupt-timeout-ms", self.interrupt_timeout_ms),
@@ -471,6 +556,8 @@ impl Config {
             ("runs-per-minute", self.runs_per_minute as u64),
             ("publish-idle-ms", self.publish_idle_ms),
             ("publish-max-body-bytes", self.publish_max_body_bytes as u64),
+            ("llm-max-steps", self.llm_max_steps as u64),
+            ("llm-idle-timeout-ms", self.llm_idle_timeout_ms),
             (
                 "max-connections-per-user",
                 self.max_connections_per_user as u64,
@@ -568,10 +655,11 @@ impl Config {
                 .ok_or_else(|| bad("it must be NAME=URL"))?;
             agentcast_actors::publish::check_agent_name(name)
                 .map_err(|_| bad("NAME must be 1 to 64 printable characters"))?;
-            if !url.starts_with("http://") || url.len() <= "http://".len() {
-                return Err(bad(
-                    "URL must be http://... (https is not supported yet: put a proxy in front)",
-                ));
+            let host = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if host.is_none_or(str::is_empty) {
+                return Err(bad("URL must be http://... or https://..."));
             }
             if urls.insert(name.to_string(), url.to_string()).is_some() {
                 return Err(bad("NAME is given twice"));
@@ -580,9 +668,104 @@ impl Config {
         Ok(urls)
     }
 
+    /// The `llm` agent's flags on their own (the tools they name are checked against the
+    /// catalog by [`Config::check_llm_tools`]).
+    fn validate_llm(&self) -> Result<(), ConfigError> {
+        let Some(url) = &self.llm_base_url else {
+            let alone = [
+                ("llm-model", self.llm_model.is_some()),
+                ("llm-api-key", self.llm_api_key.is_some()),
+                ("llm-tools", !self.llm_tools.is_empty()),
+                ("llm-approve-tools", !self.llm_approve_tools.is_empty()),
+            ];
+            return match alone.into_iter().find(|(_, set)| *set) {
+                Some((flag, _)) => Err(ConfigError::LlmFlagAlone(flag)),
+                None => Ok(()),
+            };
+        };
+        check_base_url(url).map_err(|why| ConfigError::BadLlmBaseUrl(url.clone(), why))?;
+        match &self.llm_model {
+            None => return Err(ConfigError::NoLlmModel),
+            Some(m) if m.is_empty() => return Err(ConfigError::Empty("llm-model")),
+            Some(_) => {}
+        }
+        if self.llm_api_key.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::Empty("llm-api-key"));
+        }
+        Ok(())
+    }
+
+    /// The `llm` agent's settings, when `--llm-base-url` is set.
+    pub fn llm_settings(&self) -> Option<LlmSettings> {
+        let base_url = self.llm_base_url.clone()?;
+        let names = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect()
+        };
+        let tools = names(&self.llm_tools);
+        Some(LlmSettings {
+            base_url,
+            model: self.llm_model.clone().unwrap_or_default(),
+            api_key: self.llm_api_key.clone(),
+            tools: (!tools.is_empty()).then_some(tools),
+            max_steps: self.llm_max_steps,
+            approve_tools: names(&self.llm_approve_tools),
+            idle_timeout: Duration::from_millis(self.llm_idle_timeout_ms),
+        })
+    }
+
+    /// Every tool `--llm-tools` and `--llm-approve-tools` name must be one the model can call:
+    /// a typo would otherwise silently offer nothing, or run a tool unasked.
+    pub fn check_llm_tools(&self, toolbox: &Toolbox) -> Result<(), ConfigError> {
+        let Some(settings) = self.llm_settings() else {
+            return Ok(());
+        };
+        for tool in settings.tools.iter().flatten() {
+            if !toolbox.contains(tool) {
+                return Err(ConfigError::UnknownLlmTool("llm-tools", tool.clone()));
+            }
+        }
+        let offered = |tool: &str| match &settings.tools {
+            Some(names) => names.iter().any(|n| n == tool),
+            None => !FAULT_TOOLS.contains(&tool),
+        };
+        for tool in &settings.approve_tools {
+            if !toolbox.contains(tool) || !offered(tool) {
+                return Err(ConfigError::UnknownLlmTool(
+                    "llm-approve-tools",
+                    tool.clone(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn interrupt_timeout(&self) -> Duration {
         Duration::from_millis(self.interrupt_timeout_ms)
     }
+}
+
+/// An http:// or https:// URL with a host, and nothing after the path (the agent appends
+/// `/chat/completions`).
+fn check_base_url(url: &str) -> Result<(), String> {
+    let uri: awc::http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("it must start with http:// or https://".into()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("it has no host".into());
+    }
+    // A key in the URL would be logged with it (the start-up line names the URL).
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("it must not hold credentials: give the key with --llm-api-key".into());
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err("it must not have a query or a fragment".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -667,5 +850,78 @@ mod tests {
                 "{flag} \"\""
             );
         }
+    }
+
+    #[test]
+    fn llm_flags_are_checked() {
+        let ok = parse(&[
+            "--llm-base-url",
+            "http://127.0.0.1:11434/v1",
+            "--llm-model",
+            "m",
+        ]);
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.llm_settings().map(|s| s.max_steps), Some(8));
+        assert!(parse(&[]).llm_settings().is_none());
+        for (args, want) in [
+            (
+                vec!["--llm-base-url", "ftp://x/v1", "--llm-model", "m"],
+                "http://",
+            ),
+            (
+                vec!["--llm-base-url", "localhost:11434", "--llm-model", "m"],
+                "--llm-base-url",
+            ),
+            (
+                vec!["--llm-base-url", "http://x/v1?a=1", "--llm-model", "m"],
+                "query",
+            ),
+            (vec!["--llm-base-url", "http://x/v1"], "--llm-model"),
+            (
+                vec!["--llm-base-url", "https://u:sk@x/v1", "--llm-model", "m"],
+                "credentials",
+            ),
+            (vec!["--llm-model", "m"], "needs --llm-base-url"),
+            (vec!["--llm-approve-tools", "clock"], "needs --llm-base-url"),
+            (
+                vec![
+                    "--llm-base-url",
+                    "http://x/v1",
+                    "--llm-model",
+                    "m",
+                    "--llm-max-steps",
+                    "0",
+                ],
+                "--llm-max-steps must be greater than 0",
+            ),
+            (
+                vec![
+                    "--llm-base-url",
+                    "http://x/v1",
+                    "--llm-model",
+                    "m",
+                    "--llm-api-key",
+                    "",
+                ],
+                "--llm-api-key is empty",
+            ),
+        ] {
+            let e = parse(&args).validate().expect_err("a bad llm flag");
+            assert!(e.to_string().contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_llm_api_key_is_not_in_debug_output() {
+        let c = parse(&[
+            "--llm-base-url",
+            "http://127.0.0.1:1/v1",
+            "--llm-model",
+            "m",
+            "--llm-api-key",
+            "sk-hunter2",
+        ]);
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!format!("{:?}", c.llm_settings()).contains("hunter2"));
     }
 }

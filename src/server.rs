@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
+use agentcast_actors::agents::llm::Llm;
 use agentcast_actors::builtin;
 use agentcast_actors::metrics::Metrics;
 use agentcast_actors::published_run::{MintRunToken, WebhookAgents};
@@ -75,7 +76,20 @@ pub async fn start(config: Config) -> io::Result<Started> {
     }
     let agents = Arbiter::new();
     let tools = Arbiter::new();
-    let catalog = Arc::new(builtin::catalog().start(&tools.handle()));
+    let mut offered = builtin::catalog();
+    if let Some(llm) = config.llm_settings() {
+        log::info!(
+            "agent llm: model {:?} at {}, {} model calls per run at most",
+            llm.model,
+            llm.base_url,
+            llm.max_steps
+        );
+        offered = offered.agent(Llm::new(llm));
+    }
+    let catalog = Arc::new(offered.start(&tools.handle()));
+    config
+        .check_llm_tools(catalog.tools())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
     let settings = RegistrySettings {
         replay_capacity: config.replay_capacity,

@@ -6,11 +6,12 @@
 //! is called and `agent_completed` after it returns, fails, panics, times out or is cancelled;
 //! the agent itself only emits what happens in between. See `docs/writing-agents.md`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use actix::Addr;
 
@@ -66,25 +67,46 @@ pub trait Agent: Send + Sync + 'static {
 pub struct AgentRun {
     emitter: Emitter,
     tools: Arc<Toolbox>,
-    /// Tool calls numbered so far (approvals reserve a number too)...
+    /// Tool calls numbered so far (approvals reserve a number too).
     numbered: AtomicU64,
-    /// ... and run: the run's `usage.tool_calls`.
-    calls: Arc<AtomicU64>,
+    /// What goes in `agent_completed.usage`, shared with the run's actor.
+    usage: Arc<RunUsage>,
     actor: Addr<AgentRunActor>,
+}
+
+/// A run's `agent_completed.usage`: the tool calls run (counted for every agent), plus what
+/// the agent added with [`AgentRun::add_usage`] (e.g. a model's tokens).
+#[derive(Default)]
+pub(crate) struct RunUsage {
+    tool_calls: AtomicU64,
+    added: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl RunUsage {
+    /// `{"tool_calls": n}`, plus the agent's own counts.
+    pub(crate) fn to_json(&self) -> Value {
+        let mut usage = json!({ "tool_calls": self.tool_calls.load(Ordering::Relaxed) });
+        // A poisoned lock only means an agent panicked mid-add: the counts are still numbers.
+        let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, n) in added.iter() {
+            usage[*name] = json!(n);
+        }
+        usage
+    }
 }
 
 impl AgentRun {
     pub(crate) fn new(
         emitter: Emitter,
         tools: Arc<Toolbox>,
-        calls: Arc<AtomicU64>,
+        usage: Arc<RunUsage>,
         actor: Addr<AgentRunActor>,
     ) -> Self {
         AgentRun {
             emitter,
             tools,
             numbered: AtomicU64::new(0),
-            calls,
+            usage,
             actor,
         }
     }
@@ -95,6 +117,27 @@ impl AgentRun {
 
     pub fn user_id(&self) -> &str {
         self.emitter.user_id()
+    }
+
+    /// The server's tools, e.g. to offer them to a model.
+    pub fn toolbox(&self) -> &Toolbox {
+        &self.tools
+    }
+
+    /// Adds `amount` to `name` in the run's `agent_completed.usage` (a missing name starts at
+    /// 0), e.g. the tokens a model reports. `tool_calls` is the server's own count and is not
+    /// changed this way.
+    pub fn add_usage(&self, name: &'static str, amount: u64) {
+        if name == "tool_calls" {
+            log::warn!(
+                "run {}: an agent tried to add to usage.tool_calls",
+                self.run_id()
+            );
+            return;
+        }
+        let mut added = self.usage.added.lock().unwrap_or_else(|p| p.into_inner());
+        let total = added.entry(name).or_insert(0);
+        *total = total.saturating_add(amount);
     }
 
     /// Emits `agent_thinking`.
@@ -208,7 +251,7 @@ impl AgentRun {
         let Some(executor) = self.tools.executor(name) else {
             return Err(unknown_tool(name));
         };
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.usage.tool_calls.fetch_add(1, Ordering::Relaxed);
         let call = Execute {
             call_id,
             args,

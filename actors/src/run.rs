@@ -12,15 +12,14 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use futures_util::FutureExt;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::agent::{Agent, AgentError, AgentRun};
+use crate::agent::{Agent, AgentError, AgentRun, RunUsage};
 use crate::catalog::Toolbox;
 use crate::emitter::Emitter;
 use crate::event::{rfc3339, ErrorBody, EventData, InterruptKind, RunStatus};
@@ -33,7 +32,7 @@ pub struct AgentRunActor {
     tools: Arc<Toolbox>,
     timeout: Duration,
     started: Instant,
-    tool_calls: Arc<AtomicU64>,
+    usage: Arc<RunUsage>,
     work: Option<SpawnHandle>,
     finished: bool,
     /// The run timeout's timer while it runs; stopped while a question is open.
@@ -90,7 +89,7 @@ impl AgentRunActor {
             tools,
             timeout,
             started: Instant::now(),
-            tool_calls: Arc::new(AtomicU64::new(0)),
+            usage: Arc::new(RunUsage::default()),
             work: None,
             finished: false,
             deadline: None,
@@ -162,7 +161,7 @@ impl AgentRunActor {
             result,
             error,
             duration_ms: self.started.elapsed().as_millis() as u64,
-            usage: json!({ "tool_calls": self.tool_calls.load(Ordering::Relaxed) }),
+            usage: self.usage.to_json(),
         });
         ctx.stop();
     }
@@ -252,7 +251,7 @@ impl Actor for AgentRunActor {
         let run = AgentRun::new(
             self.emitter.clone(),
             self.tools.clone(),
-            self.tool_calls.clone(),
+            self.usage.clone(),
             ctx.address(),
         );
         let work = AssertUnwindSafe(self.agent.clone().run(run, input)).catch_unwind();

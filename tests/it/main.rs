@@ -17,6 +17,7 @@ mod interrupts;
 mod isolation;
 mod limits;
 mod liveness;
+mod llm;
 mod metrics;
 mod properties;
 mod publish;
