@@ -1,7 +1,8 @@
 //! `PublishedRunActor`: one short-lived actor per run that an agent outside the server
 //! publishes (PROTOCOL.md section 11), the twin of [`AgentRunActor`](crate::run::AgentRunActor)
-//! for code that is not in this process. Started by the registry, bound to its user by its
-//! [`Emitter`], it emits `agent_started` at once and owns the run's clock:
+//! for code that is not in this process. Started by the registry (which sequences the run's
+//! `agent_started` itself, before the run's creator is answered, so that a first batch cannot
+//! come before it), bound to its user by its [`Emitter`], it owns the run's clock:
 //!
 //! - the run timeout (`--run-timeout-ms`) and the idle timeout (`--publish-idle-ms`, restarted
 //!   by every accepted batch: [`Touched`]) end the run `timed_out`;
@@ -61,8 +62,6 @@ pub struct WebhookCall {
 }
 
 pub struct PublishedRunActor {
-    agent: String,
-    input: Option<Value>,
     emitter: Emitter,
     timeout: Duration,
     idle: Duration,
@@ -84,16 +83,12 @@ pub struct Ended;
 
 impl PublishedRunActor {
     pub fn new(
-        agent: String,
-        input: Value,
         emitter: Emitter,
         timeout: Duration,
         idle: Duration,
         webhook: Option<WebhookCall>,
     ) -> Self {
         PublishedRunActor {
-            agent,
-            input: Some(input),
             emitter,
             timeout,
             idle,
@@ -177,10 +172,6 @@ impl Actor for PublishedRunActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.emitter.emit_now(EventData::AgentStarted {
-            agent: self.agent.clone(),
-            input: self.input.take().unwrap_or(Value::Null),
-        });
         ctx.run_later(self.timeout, |act, ctx| {
             let error = ErrorBody::new(
                 "timed_out",

@@ -773,3 +773,20 @@ async fn a_publisher_may_use_any_node() {
         assert_eq!(partials(&events), want);
     }
 }
+
+/// A first batch sent the moment the run is created is taken: the run's `agent_started` is
+/// sequenced before the 201 (found by the bench harness, where the batch could come first and
+/// be refused as "the run has not started").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_batch_right_after_the_create_is_taken() {
+    let server = start(agentcast::Config {
+        runs_per_minute: 100_000,
+        ..test_config()
+    });
+    let p = Publisher::new(&server, "svc");
+    for i in 0..100 {
+        let run = p.create(&format!("user-{}", i % 4), "a", Value::Null).await;
+        let r = p.batch(&run, json!([text(1, "now"), end(2)])).await;
+        assert_eq!(r.status, 200, "run {i}: {}", r.body);
+    }
+}

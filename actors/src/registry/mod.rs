@@ -662,7 +662,7 @@ impl ConnectionRegistry {
     fn launch(
         &mut self,
         run_id: RunId,
-        msg: StartRun,
+        mut msg: StartRun,
         checked: CheckedStart,
         ctx: &mut Context<Self>,
     ) -> RunId {
@@ -680,7 +680,7 @@ impl ConnectionRegistry {
             (self.settings.run_timeout, self.settings.interrupt_timeout);
         let (actor, publication) = match checked {
             CheckedStart::Agent { agent, tools } => {
-                let input = msg.input;
+                let input = std::mem::take(&mut msg.input);
                 let actor = AgentRunActor::start_in_arbiter(&self.agents, move |_| {
                     AgentRunActor::new(agent, input, emitter, tools, timeout, interrupt_timeout)
                 });
@@ -688,10 +688,9 @@ impl ConnectionRegistry {
             }
             CheckedStart::Published { owner, webhook } => {
                 let call = webhook.map(|url| self.webhook_call(&run_id, &msg, url));
-                let (agent, input, idle) =
-                    (msg.agent.clone(), msg.input, self.settings.publish_idle);
+                let idle = self.settings.publish_idle;
                 let actor = PublishedRunActor::start_in_arbiter(&self.agents, move |_| {
-                    PublishedRunActor::new(agent, input, emitter, timeout, idle, call)
+                    PublishedRunActor::new(emitter, timeout, idle, call)
                 });
                 let publication = Publication { owner, last_n: 0 };
                 (RunActor::Published(actor), Some(publication))
@@ -699,14 +698,29 @@ impl ConnectionRegistry {
         };
         log::debug!("run {run_id} of user {}: started ({})", msg.user, msg.agent);
         self.metrics.runs_started.inc();
+        let published = publication.is_some();
         self.runs.insert(
             run_id.clone(),
-            msg.user,
-            msg.agent,
+            msg.user.clone(),
+            msg.agent.clone(),
             msg.thread_id,
             actor,
             publication,
         );
+        if published {
+            // A published run's start is sequenced here, before its creator is answered: its
+            // first batch can then never come before it.
+            let started = Emit {
+                user: msg.user,
+                run_id: run_id.clone(),
+                at: SystemTime::now(),
+                data: EventData::AgentStarted {
+                    agent: msg.agent,
+                    input: msg.input,
+                },
+            };
+            <Self as Handler<Emit>>::handle(self, started, ctx);
+        }
         run_id
     }
 }
