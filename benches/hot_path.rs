@@ -151,7 +151,7 @@ struct Routing {
 /// and one run of that user that sleeps for an hour (so its events are admitted).
 async fn routing(tabs: usize) -> Routing {
     let arbiter = Arbiter::current();
-    let catalog = Arc::new(builtin::catalog().start(&arbiter));
+    let catalog = Arc::new(builtin::fault_tools(builtin::catalog()).start(&arbiter));
     let settings = RegistrySettings {
         max_connections_per_user: tabs.max(32),
         ..RegistrySettings::default()
@@ -210,12 +210,11 @@ fn route(c: &mut Criterion) {
                     let target = r.got.load(Ordering::Relaxed) + iters * tabs as u64;
                     let start = Instant::now();
                     for _ in 0..iters {
-                        r.registry.do_send(Emit {
-                            user: r.user.clone(),
-                            run_id: r.run_id.clone(),
-                            at: SystemTime::now(),
-                            data: EventData::PartialResult { text: text.clone() },
-                        });
+                        r.registry.do_send(Emit::for_bench(
+                            r.user.clone(),
+                            r.run_id.clone(),
+                            EventData::PartialResult { text: text.clone() },
+                        ));
                     }
                     // The registry and the tabs run on this thread while it yields.
                     while r.got.load(Ordering::Relaxed) < target {

@@ -641,6 +641,19 @@ impl Config {
         })
     }
 
+    /// The configuration of the command line and `AGENTCAST_*` variables, as
+    /// `agentcast serve` reads it (and exits with its usage on an error), for a crate that
+    /// runs its own server.
+    pub fn from_command_line() -> Config {
+        #[derive(clap::Parser)]
+        #[command(about = "an agentcast server", version)]
+        struct Command {
+            #[command(flatten)]
+            config: Config,
+        }
+        <Command as clap::Parser>::parse().config
+    }
+
     pub fn run_timeout(&self) -> Duration {
         Duration::from_millis(self.run_timeout_ms)
     }

@@ -13,10 +13,12 @@ use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 use agentcast_actors::agents::llm::Llm;
 use agentcast_actors::builtin;
+use agentcast_actors::catalog::CatalogBuilder;
 use agentcast_actors::metrics::Metrics;
 use agentcast_actors::published_run::{MintRunToken, WebhookAgents};
 use agentcast_actors::redis::RedisConfig;
 use agentcast_actors::registry::{ConnectionRegistry, RegistrySettings};
+use agentcast_actors::{Agent, Tool};
 
 use agentcast_actors::router::{Router, Shutdown};
 use agentcast_actors::session::SessionSettings;
@@ -42,7 +44,7 @@ pub struct Started {
 }
 
 /// Builds and binds the server. Must run inside an actix `System`.
-pub async fn start(config: Config) -> io::Result<Started> {
+pub async fn start(config: Config, offered: CatalogBuilder) -> io::Result<Started> {
     let bind = config
         .validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -76,7 +78,7 @@ pub async fn start(config: Config) -> io::Result<Started> {
     }
     let agents = Arbiter::new();
     let tools = Arbiter::new();
-    let mut offered = builtin::catalog();
+    let mut offered = offered;
     if let Some(llm) = config.llm_settings() {
         log::info!(
             "agent llm: model {:?} at {}, {} model calls per run at most",
@@ -350,15 +352,111 @@ pub async fn termination() {
     }
 }
 
-/// Runs the server in this thread until SIGINT or SIGTERM.
+/// Runs the server with the built-in agents and tools in this thread until SIGINT or
+/// SIGTERM: `agentcast serve`.
 pub fn serve(config: Config) -> io::Result<()> {
-    actix::System::new().block_on(async move {
-        let stop = async {
-            termination().await;
-            None
-        };
-        start(config).await?.run_until(stop).await
-    })
+    Server::builder(config).serve()
+}
+
+/// agentcast as a library: a server with your own agents and tools beside (or instead of)
+/// the built-in ones. `agentcast serve` is `Server::builder(config).serve()`.
+///
+/// ```no_run
+/// # use agentcast::{Agent, AgentError, AgentRun, Config, Server};
+/// # struct Weather;
+/// # #[agentcast::async_trait]
+/// # impl Agent for Weather {
+/// #     fn name(&self) -> &str { "weather" }
+/// #     fn description(&self) -> &str { "" }
+/// #     async fn run(self: std::sync::Arc<Self>, _: AgentRun, _: serde_json::Value) -> Result<serde_json::Value, AgentError> { Ok(serde_json::Value::Null) }
+/// # }
+/// Server::builder(Config::default())
+///     .without_fault_tools()
+///     .agent(Weather)
+///     .serve()
+///     .expect("the server stopped with an error");
+/// ```
+pub struct Server;
+
+impl Server {
+    /// A server of `config` offering the built-in agents and tools, to which
+    /// [`ServerBuilder::agent`] and [`ServerBuilder::tool`] add yours.
+    pub fn builder(config: Config) -> ServerBuilder {
+        ServerBuilder {
+            config,
+            builtins: true,
+            fault_tools: true,
+            offered: CatalogBuilder::new(),
+        }
+    }
+}
+
+/// What a server will offer; see [`Server::builder`].
+pub struct ServerBuilder {
+    config: Config,
+    builtins: bool,
+    fault_tools: bool,
+    offered: CatalogBuilder,
+}
+
+impl ServerBuilder {
+    /// Offers an agent; one of the same name as a built-in replaces it.
+    pub fn agent(mut self, agent: impl Agent) -> Self {
+        self.offered = self.offered.agent(agent);
+        self
+    }
+
+    /// Offers a tool; `make` builds a fresh instance at start and after every panic of it.
+    pub fn tool<T, F>(mut self, make: F) -> Self
+    where
+        T: Tool,
+        F: Fn() -> T + Send + Sync + 'static,
+    {
+        self.offered = self.offered.tool(make);
+        self
+    }
+
+    /// Leaves out the tools that exist for fault tests (`fail`, `panic`).
+    pub fn without_fault_tools(mut self) -> Self {
+        self.fault_tools = false;
+        self
+    }
+
+    /// Leaves out every built-in agent and tool: the server offers only yours (and `llm`,
+    /// when `--llm-base-url` configures it).
+    pub fn without_builtins(mut self) -> Self {
+        self.builtins = false;
+        self
+    }
+
+    fn catalog(self) -> (Config, CatalogBuilder) {
+        let mut offered = CatalogBuilder::new();
+        if self.builtins {
+            offered = builtin::catalog();
+            if self.fault_tools {
+                offered = builtin::fault_tools(offered);
+            }
+        }
+        (self.config, offered.extend(self.offered))
+    }
+
+    /// Runs the server in this thread until SIGINT or SIGTERM, then stops in order.
+    pub fn serve(self) -> io::Result<()> {
+        let (config, offered) = self.catalog();
+        actix::System::new().block_on(async move {
+            let stop = async {
+                termination().await;
+                None
+            };
+            start(config, offered).await?.run_until(stop).await
+        })
+    }
+
+    /// Starts the server on a thread of its own and returns once it listens.
+    pub fn spawn(self) -> io::Result<RunningServer> {
+        let (config, offered) = self.catalog();
+        spawn_with(config, offered)
+    }
 }
 
 /// A server on its own thread, for tests and embedding.
@@ -370,8 +468,13 @@ pub struct RunningServer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Starts a server on a thread of its own and returns once it is listening.
+/// Starts a server with the built-in agents and tools on a thread of its own and returns once
+/// it is listening.
 pub fn spawn(config: Config) -> io::Result<RunningServer> {
+    Server::builder(config).spawn()
+}
+
+fn spawn_with(config: Config, offered: CatalogBuilder) -> io::Result<RunningServer> {
     config
         .validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -382,7 +485,7 @@ pub fn spawn(config: Config) -> io::Result<RunningServer> {
         .name("agentcast-server".into())
         .spawn(move || {
             actix::System::new().block_on(async move {
-                match start(config).await {
+                match start(config, offered).await {
                     Ok(started) => {
                         let _ = ready_tx.send(Ok(started.addrs()[0]));
                         if let Err(e) = started

@@ -43,10 +43,10 @@ impl AgentError {
 #[async_trait]
 pub trait Agent: Send + Sync + 'static {
     /// The name clients start it by.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
 
     /// One sentence for `GET /v1/agents`.
-    fn description(&self) -> &'static str;
+    fn description(&self) -> &str;
 
     /// The shape of the input, as a JSON Schema, for `GET /v1/agents`.
     fn input_schema(&self) -> Value {

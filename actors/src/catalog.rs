@@ -11,7 +11,7 @@ use crate::executor::{ToolExecutor, ToolFactory};
 use crate::tool::Tool;
 
 pub struct Catalog {
-    agents: BTreeMap<&'static str, Arc<dyn Agent>>,
+    agents: BTreeMap<String, Arc<dyn Agent>>,
     tools: Arc<Toolbox>,
 }
 
@@ -31,14 +31,14 @@ impl Catalog {
 }
 
 struct ToolEntry {
-    description: &'static str,
+    description: String,
     args_schema: serde_json::Value,
     executor: Addr<ToolExecutor>,
 }
 
 /// The running tool executors.
 pub struct Toolbox {
-    tools: BTreeMap<&'static str, ToolEntry>,
+    tools: BTreeMap<String, ToolEntry>,
 }
 
 impl Toolbox {
@@ -46,17 +46,15 @@ impl Toolbox {
         self.tools.contains_key(name)
     }
 
-    pub fn executor(&self, name: &str) -> Option<&Addr<ToolExecutor>> {
+    pub(crate) fn executor(&self, name: &str) -> Option<&Addr<ToolExecutor>> {
         self.tools.get(name).map(|t| &t.executor)
     }
 
     /// `(name, description, args schema)` of every tool, sorted by name.
-    pub fn list(
-        &self,
-    ) -> impl Iterator<Item = (&'static str, &'static str, &serde_json::Value)> + '_ {
+    pub fn list(&self) -> impl Iterator<Item = (&str, &str, &serde_json::Value)> + '_ {
         self.tools
             .iter()
-            .map(|(n, t)| (*n, t.description, &t.args_schema))
+            .map(|(n, t)| (n.as_str(), t.description.as_str(), &t.args_schema))
     }
 }
 
@@ -89,6 +87,13 @@ impl CatalogBuilder {
         self
     }
 
+    /// Adds everything `other` offers, after what this one does (so it wins a name both have).
+    pub fn extend(mut self, other: CatalogBuilder) -> Self {
+        self.agents.extend(other.agents);
+        self.tools.extend(other.tools);
+        self
+    }
+
     /// Starts one supervised executor per tool on `arbiter`.
     pub fn start(self, arbiter: &ArbiterHandle) -> Catalog {
         let tools = self
@@ -99,16 +104,20 @@ impl CatalogBuilder {
                 let executor =
                     Supervisor::start_in_arbiter(arbiter, move |_| ToolExecutor::new(make));
                 (
-                    probe.name(),
+                    probe.name().to_string(),
                     ToolEntry {
-                        description: probe.description(),
+                        description: probe.description().to_string(),
                         args_schema: probe.args_schema(),
                         executor,
                     },
                 )
             })
             .collect();
-        let agents = self.agents.into_iter().map(|a| (a.name(), a)).collect();
+        let agents = self
+            .agents
+            .into_iter()
+            .map(|a| (a.name().to_string(), a))
+            .collect();
         Catalog {
             agents,
             tools: Arc::new(Toolbox { tools }),

@@ -82,7 +82,7 @@ impl Handler<Execute> for ToolExecutor {
                 args,
                 emitter,
             } = msg;
-            let name = tool.name();
+            let name: Arc<str> = tool.name().into();
             let started = Instant::now();
             emitter
                 .emit(EventData::ToolExecuting {
@@ -91,7 +91,7 @@ impl Handler<Execute> for ToolExecutor {
                     args: args.clone(),
                 })
                 .await;
-            let call = ToolCall::new(call_id.clone(), name, emitter.clone());
+            let call = ToolCall::new(call_id.clone(), name.clone(), emitter.clone());
             let result = match AssertUnwindSafe(tool.call(call, args)).catch_unwind().await {
                 Ok(result) => result,
                 Err(payload) => {

@@ -80,10 +80,6 @@ impl Refused {
 }
 
 impl RunLedger {
-    pub fn is_completed(&self) -> bool {
-        self.completed
-    }
-
     /// The run was told to stop: from now on only its `agent_completed` is admitted.
     pub fn cancel(&mut self) {
         self.cancelling = true;
@@ -317,7 +313,7 @@ mod tests {
             assert_eq!(l.admit(&e, now), Ok(vec![]));
         }
         assert_eq!(l.admit(&end(RunStatus::Succeeded, None), now), Ok(vec![]));
-        assert!(l.is_completed());
+        assert!(l.completed);
     }
 
     #[test]
@@ -491,7 +487,7 @@ mod tests {
             l.admit_published(&end(RunStatus::Succeeded, None), now),
             Err(Refused::CallsOpen)
         );
-        assert!(!l.is_completed(), "a refused end changes nothing");
+        assert!(!l.completed, "a refused end changes nothing");
         l.admit_published(&done("tc_1"), now).unwrap();
         l.admit_published(&end(RunStatus::Succeeded, None), now)
             .unwrap();

@@ -9,19 +9,24 @@
 //! - [`router::Router`] is the seam the edges use to reach routing and replay.
 //!
 //! `docs/architecture.md` follows one event through all of them.
+//!
+//! This crate is agentcast's inside: an agent's author uses the `agentcast` crate, which
+//! re-exports what writing agents and tools takes. What could put an event in front of a user
+//! (the emitter, run actors, ledgers) is private to this crate: only a run's own handle,
+//! bound to its user and run, emits.
 
 pub mod agent;
 pub mod agents;
 pub mod builtin;
 pub mod catalog;
-pub mod emitter;
+pub(crate) mod emitter;
 pub mod event;
-pub mod executor;
+pub(crate) mod executor;
 pub mod frame_limit;
 pub mod frontends;
 pub mod ids;
-pub mod interrupt;
-pub mod ledger;
+pub(crate) mod interrupt;
+pub(crate) mod ledger;
 pub mod metrics;
 mod panic;
 pub mod protocol;
@@ -32,7 +37,7 @@ pub mod redis;
 pub mod registry;
 pub mod replay;
 pub mod router;
-pub mod run;
+pub(crate) mod run;
 pub mod session;
 pub mod sse;
 pub mod tool;

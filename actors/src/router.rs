@@ -22,15 +22,31 @@ use crate::replay::Gap;
 /// slow consumer's grace period runs out: a stalled session cannot close itself.
 pub type ResetHandle = Arc<dyn Fn() + Send + Sync>;
 
-/// One run event from an agent or tool, for the registry to sequence and route.
+/// One run event from an agent or tool, for the registry to sequence and route. Only a run's
+/// emitter makes one: the [`Router`] carries none, and an agent's code never sees the
+/// registry's address.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Emit {
-    pub user: UserId,
-    pub run_id: RunId,
+    pub(crate) user: UserId,
+    pub(crate) run_id: RunId,
     /// When it was emitted: the event's `ts`.
-    pub at: SystemTime,
-    pub data: EventData,
+    pub(crate) at: SystemTime,
+    pub(crate) data: EventData,
+}
+
+impl Emit {
+    /// For the routing micro-benchmark (`benches/hot_path.rs`), which drives a registry it
+    /// made itself. Nothing an agent or tool holds leads to a registry's address.
+    #[doc(hidden)]
+    pub fn for_bench(user: UserId, run_id: RunId, data: EventData) -> Emit {
+        Emit {
+            user,
+            run_id,
+            at: SystemTime::now(),
+            data,
+        }
+    }
 }
 
 /// Where a resuming connection says it is.
@@ -45,12 +61,12 @@ pub struct ResumeFrom {
 pub struct SessionShared {
     /// Set by the registry when it drops the session; the session then discards what is
     /// still queued for it.
-    pub cut: AtomicBool,
+    pub(crate) cut: AtomicBool,
     /// Events the session has written: with the registry's count of events sent, the depth
     /// of its outbound queue.
-    pub written: AtomicU64,
+    pub(crate) written: AtomicU64,
     /// Their bytes: with the registry's count of bytes sent, what its queue holds.
-    pub written_bytes: AtomicU64,
+    pub(crate) written_bytes: AtomicU64,
 }
 
 impl SessionShared {
@@ -429,7 +445,6 @@ pub struct Router {
     pub publish: Recipient<Publish>,
     pub inspect_published: Recipient<InspectPublished>,
     pub resume: Recipient<Resume>,
-    pub emit: Recipient<Emit>,
     pub shutdown: Recipient<Shutdown>,
     pub inspect_run: Recipient<InspectRun>,
     pub refresh_gauges: Recipient<RefreshGauges>,
@@ -465,7 +480,6 @@ impl Router {
             publish: addr.clone().recipient(),
             inspect_published: addr.clone().recipient(),
             resume: addr.clone().recipient(),
-            emit: addr.clone().recipient(),
             shutdown: addr.clone().recipient(),
             inspect_run: addr.clone().recipient(),
             refresh_gauges: addr.clone().recipient(),

@@ -44,10 +44,10 @@ impl ToolError {
 #[async_trait]
 pub trait Tool: Send + Sync + 'static {
     /// The name agents call it by.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
 
     /// One sentence for `GET /v1/agents`, saying what `args` it takes.
-    fn description(&self) -> &'static str;
+    fn description(&self) -> &str;
 
     /// The shape of `args`, as a JSON Schema, for `GET /v1/agents`.
     fn args_schema(&self) -> Value {
@@ -61,12 +61,12 @@ pub trait Tool: Send + Sync + 'static {
 /// A tool's handle on the call it is serving.
 pub struct ToolCall {
     id: String,
-    tool: &'static str,
+    tool: Arc<str>,
     emitter: Emitter,
 }
 
 impl ToolCall {
-    pub(crate) fn new(id: String, tool: &'static str, emitter: Emitter) -> Self {
+    pub(crate) fn new(id: String, tool: Arc<str>, emitter: Emitter) -> Self {
         ToolCall { id, tool, emitter }
     }
 

@@ -53,7 +53,8 @@ thread_local! {
     // queued on the system arbiter), which is all `Toolbox::contains` looks at.
     static TOOLBOX: (actix::SystemRunner, Arc<Toolbox>) = {
         let system = actix::System::new();
-        let catalog = agentcast_actors::builtin::catalog().start(actix::System::current().arbiter());
+        let catalog = agentcast_actors::builtin::fault_tools(agentcast_actors::builtin::catalog())
+                    .start(actix::System::current().arbiter());
         (system, catalog.tools().clone())
     };
 }

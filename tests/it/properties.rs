@@ -659,7 +659,8 @@ fn with_toolbox<R>(f: impl FnOnce(&Toolbox) -> R) -> R {
         let (_, tools) = cell.get_or_init(|| {
             let system = actix::System::new();
             let catalog =
-                agentcast_actors::builtin::catalog().start(actix::System::current().arbiter());
+                agentcast_actors::builtin::fault_tools(agentcast_actors::builtin::catalog())
+                    .start(actix::System::current().arbiter());
             (system, catalog.tools().clone())
         });
         f(tools)

@@ -16,11 +16,11 @@ pub struct Echo;
 
 #[async_trait]
 impl Agent for Echo {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "echo"
     }
 
-    fn description(&self) -> &'static str {
+    fn description(&self) -> &str {
         "Streams its input text back: agent_thinking, partial_result chunks, then the text. Input: a string."
     }
 

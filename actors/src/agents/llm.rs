@@ -195,11 +195,11 @@ impl Llm {
 
 #[async_trait]
 impl Agent for Llm {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "llm"
     }
 
-    fn description(&self) -> &'static str {
+    fn description(&self) -> &str {
         "Asks the configured language model, which may call the server's tools: a string (one user message) or {\"messages\":[{\"role\":..,\"content\":..}],\"system\"?:..}; answers with the model's final text."
     }
 

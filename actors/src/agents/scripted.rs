@@ -109,11 +109,11 @@ pub struct Scripted;
 
 #[async_trait]
 impl Agent for Scripted {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "scripted"
     }
 
-    fn description(&self) -> &'static str {
+    fn description(&self) -> &str {
         "Runs the steps it is given in order: {\"steps\":[{\"think\":..},{\"text\":..},{\"tool\":NAME,\"args\":{..},\"approve\"?:true},{\"ask\":..,\"schema\"?:{..}},{\"sleep_ms\":N},{\"fail\":..},{\"panic\":true}]}; answers with the last text."
     }
 

@@ -16,11 +16,11 @@ pub struct Calculator;
 
 #[async_trait]
 impl Tool for Calculator {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "calculator"
     }
 
-    fn description(&self) -> &'static str {
+    fn description(&self) -> &str {
         "Evaluates arithmetic: {\"expr\":\"(2+3)*4\"} with + - * / % ^ and parentheses; returns {\"value\":N}."
     }
 

@@ -12,11 +12,11 @@ pub struct Clock;
 
 #[async_trait]
 impl Tool for Clock {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "clock"
     }
 
-    fn description(&self) -> &'static str {
+    fn description(&self) -> &str {
         "The current time: returns {\"now\": RFC 3339 UTC, \"unix_ms\": N}. No arguments."
     }
 

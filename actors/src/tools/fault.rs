@@ -12,11 +12,11 @@ pub struct Fail;
 
 #[async_trait]
 impl Tool for Fail {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "fail"
     }
 
-    fn description(&self) -> &'static str {
+    fn description(&self) -> &str {
         "Always fails with code tool_failed; {\"message\":\"...\"} sets the message."
     }
 
@@ -37,11 +37,11 @@ pub struct Panic;
 
 #[async_trait]
 impl Tool for Panic {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "panic"
     }
 
-    fn description(&self) -> &'static str {
+    fn description(&self) -> &str {
         "Panics inside its executor: reported as tool_panicked, and the executor is restarted."
     }
 

@@ -17,11 +17,11 @@ pub struct Sleep;
 
 #[async_trait]
 impl Tool for Sleep {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "sleep"
     }
 
-    fn description(&self) -> &'static str {
+    fn description(&self) -> &str {
         "Waits {\"ms\":N} milliseconds, reporting progress; returns {\"slept_ms\":N}."
     }
 
