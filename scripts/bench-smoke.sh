@@ -3,8 +3,8 @@
 # does its real zero-loss checks (each connection's seq contiguous, no duplicate, no foreign
 # run, every run completed) and the harness exits non-zero on any of them; so does this script.
 # The last runs make sure the checks still catch a loss, and a published event duplicated or
-# dropped. The runs take about 15 s on 2 cores once
-# the bench is built; results go to target/bench-smoke.jsonl.
+# dropped. The runs take about 20 s on 2 cores once the bench is built; results go to
+# target/bench-smoke.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
