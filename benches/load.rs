@@ -5,6 +5,7 @@
 //! - `server`: starting the server (its nodes and their Redis, or targeting running ones) and
 //!   reading their /proc figures
 //! - `client`: one task per tab: connect, drive runs, read and check every frame
+//! - `publish`: the `publish` scenario's publishers (HTTP), and the check of a published event
 //! - `scan`: reading `type`, `seq`, `run_id` and `ts` out of a frame without a JSON tree
 //! - `run`: the phases of a scenario; `stats`, `report`, `plot`: the figures and their output
 
@@ -14,6 +15,8 @@ mod cli;
 mod client;
 #[path = "load/plot.rs"]
 mod plot;
+#[path = "load/publish.rs"]
+mod publish;
 #[path = "load/report.rs"]
 mod report;
 #[path = "load/run.rs"]
@@ -34,6 +37,7 @@ use serde_json::json;
 
 fn main() -> ExitCode {
     scan::self_check();
+    publish::self_check();
     let args = cli::Args::parse();
     let params = match args.params() {
         Ok(p) => p,
@@ -339,6 +343,7 @@ fn start_cluster(
             concurrency: params.concurrency,
             // A slow tab must fill its queue with a modest number of events.
             outbound_queue: (params.scenario == cli::Scenario::Slow).then_some(256),
+            publish: params.scenario == cli::Scenario::Publish,
         };
         let log = if n == 1 {
             target_dir.join(format!("bench-server-{name}.log"))

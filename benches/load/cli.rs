@@ -18,6 +18,10 @@ pub enum Scenario {
     /// A few tabs stop reading while the rest run: they must be closed 4008 (or reset), then
     /// resume without loss; the rest keep their latency.
     Slow,
+    /// Agents outside the server (PROTOCOL.md section 11): --publishers HTTP clients create
+    /// runs for the users and post their events in batches of --batch, some sent twice or
+    /// overlapping (--retry-rate); every tab checks each event's text, once, in order.
+    Publish,
 }
 
 impl Scenario {
@@ -28,8 +32,20 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Storm => "storm",
             Scenario::Slow => "slow",
+            Scenario::Publish => "publish",
         }
     }
+}
+
+/// A fault the `publish` scenario's publisher 0 puts in its first run on purpose, to show
+/// that the tabs' checks catch what a faulty server would do (scripts/bench-smoke.sh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Inject {
+    /// Publish an already-published text again under a fresh n (as a server that delivered
+    /// a retried event twice would show it).
+    Duplicate,
+    /// Publish the text of n+1 under n (as a server that lost event n would show it).
+    Drop,
 }
 
 /// agentcast's load-test harness. Starts the release server itself (bind 127.0.0.1:0, random
@@ -149,6 +165,26 @@ pub struct Args {
     #[arg(long)]
     pub slow_pause_ms: Option<u64>,
 
+    /// publish: publisher tasks, each with one keep-alive HTTP/1.1 connection; user i is
+    /// published to by publisher i mod N.
+    #[arg(long)]
+    pub publishers: Option<usize>,
+
+    /// publish: events per batch (1 to 1000; the run's last batch may be shorter).
+    #[arg(long)]
+    pub batch: Option<usize>,
+
+    /// publish: fraction of batches sent again (0 to 1): half of these are resent as they were
+    /// right after their answer (must be accepted: 0), half carry the last half of the
+    /// previous batch in front of the next one (only the new events may count).
+    #[arg(long)]
+    pub retry_rate: Option<f64>,
+
+    /// publish: put this fault in publisher 0's first run (a check of the checks: the run
+    /// must fail).
+    #[arg(long, value_enum)]
+    pub inject: Option<Inject>,
+
     /// slow: SO_RCVBUF of the slow tabs' sockets (small, so the server sees them stall soon).
     #[arg(long)]
     pub slow_rcvbuf: Option<usize>,
@@ -215,6 +251,10 @@ pub struct Params {
     pub slow_clients: usize,
     pub slow_pause_ms: u64,
     pub slow_rcvbuf: usize,
+    pub publishers: usize,
+    pub batch: usize,
+    pub retry_rate: f64,
+    pub inject: Option<Inject>,
 }
 
 impl Params {
@@ -249,6 +289,7 @@ impl Args {
             Idle => (10_000, 1, 0, 0, 0, 0, 0, 0),
             Storm => (2_500, 2, 2, 1, 20, 5, 64, 100),
             Slow => (50, 2, 30, 2, 40, 5, 512, 5),
+            Publish => (50, 2, 20, 2, 40, 5, 64, 0),
         };
         let tabs = self.tabs.unwrap_or(d.1).max(1);
         let users = match (self.connections, self.users) {
@@ -290,6 +331,10 @@ impl Args {
             slow_clients: self.slow_clients.unwrap_or(if s == Slow { 2 } else { 0 }),
             slow_pause_ms: self.slow_pause_ms.unwrap_or(15_000),
             slow_rcvbuf: self.slow_rcvbuf.unwrap_or(4096),
+            publishers: self.publishers.unwrap_or(4),
+            batch: self.batch.unwrap_or(10),
+            retry_rate: self.retry_rate.unwrap_or(0.1),
+            inject: self.inject,
         };
         if p.users == 0 {
             return Err("no users".into());
@@ -305,6 +350,32 @@ impl Args {
             }
         } else if p.slow_clients > 0 {
             return Err("--slow-clients is for --scenario slow".into());
+        }
+        if s == Publish {
+            if p.publishers == 0 {
+                return Err("--publishers must be at least 1".into());
+            }
+            if !(1..=1000).contains(&p.batch) {
+                return Err("--batch is 1 to 1000 events (the server's limit per batch)".into());
+            }
+            if !(0.0..=1.0).contains(&p.retry_rate) {
+                return Err("--retry-rate is a fraction, 0 to 1".into());
+            }
+            if p.step_sleep_ms > 0 {
+                return Err("--step-sleep-ms is for scripted runs, not --scenario publish".into());
+            }
+            if p.runs == 0 {
+                return Err("--runs must be at least 1 for --scenario publish".into());
+            }
+        } else if self.publishers.is_some()
+            || self.batch.is_some()
+            || self.retry_rate.is_some()
+            || self.inject.is_some()
+        {
+            return Err(
+                "--publishers, --batch, --retry-rate and --inject are for --scenario publish"
+                    .into(),
+            );
         }
         if p.has_runs() && p.steps == 0 {
             return Err("--steps must be at least 1".into());

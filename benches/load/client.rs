@@ -89,6 +89,13 @@ pub struct Faults {
     pub resume_failures: AtomicU64,
     pub incomplete: AtomicU64,
     pub slow_not_dropped: AtomicU64,
+    /// publish: an event that is not the one published at its place in its run (another's
+    /// text, an earlier event again, a later one).
+    pub wrong_event: AtomicU64,
+    /// publish: a publisher's request refused or failed (not a 429).
+    pub publish_errors: AtomicU64,
+    /// publish: a batch answered with an `accepted` or `last_n` other than its new events.
+    pub publish_accepted: AtomicU64,
 }
 
 impl Faults {
@@ -108,6 +115,9 @@ impl Faults {
             ("resume_failures", l(&self.resume_failures)),
             ("incomplete", l(&self.incomplete)),
             ("slow_not_dropped", l(&self.slow_not_dropped)),
+            ("wrong_event", l(&self.wrong_event)),
+            ("publish_errors", l(&self.publish_errors)),
+            ("publish_accepted", l(&self.publish_accepted)),
         ]
     }
 }
@@ -132,6 +142,19 @@ pub struct Events {
     pub slow_eof: AtomicU64,
     /// slow: events a slow tab read after it started reading again, before the end.
     pub slow_backlog: AtomicU64,
+    /// publish: batches answered (resent ones and 429s included), events they added, batches
+    /// deliberately sent twice / overlapping the previous one, 429 answers, reconnects.
+    pub publish_batches: AtomicU64,
+    pub publish_accepted: AtomicU64,
+    pub publish_resent: AtomicU64,
+    pub publish_overlapped: AtomicU64,
+    pub publish_429: AtomicU64,
+    pub publish_reconnects: AtomicU64,
+    /// publish: runs whose first batch was refused 409 "the run has not started" after their
+    /// 201 (then retried).
+    pub publish_not_started: AtomicU64,
+    /// publish: the latest answer that accepted a batch, microseconds since t0.
+    pub publish_last_accept_us: AtomicU64,
 }
 
 pub struct User {
@@ -153,6 +176,8 @@ pub struct Shared {
     pub t0_unix_us: i64,
     pub start_run: Utf8Bytes,
     pub events_per_run: u32,
+    /// publish: the kinds of a published run's events n = 1, 2, ... (empty otherwise).
+    pub script: Vec<crate::publish::Kind>,
     pub connect_sem: Semaphore,
     pub gate: watch::Receiver<bool>,
     pub stop: watch::Receiver<bool>,
@@ -243,6 +268,8 @@ pub struct Tab {
     pub next_seq: u64,
     pub recs: Vec<Rec>,
     pub replaying: bool,
+    /// publish: a buffer for the expected text of an event.
+    scratch: Vec<u8>,
     runs: HashMap<Box<[u8]>, RunSeen>,
     pub completed: usize,
     pub done: bool,
@@ -272,7 +299,8 @@ impl Tab {
             user,
             tab,
             global,
-            driver: tab == 0,
+            // A published run is started by its publisher, not by a tab.
+            driver: tab == 0 && p.scenario != Scenario::Publish,
             slow,
             epoch: String::new(),
             base_seq: 1,
@@ -283,6 +311,7 @@ impl Tab {
                 0
             }),
             replaying: false,
+            scratch: Vec::new(),
             runs: HashMap::new(),
             completed: 0,
             done: false,
@@ -390,6 +419,24 @@ impl Tab {
             });
         }
         run.events += 1;
+        if !sh.script.is_empty() && run.events > 1 {
+            // Published: the event must be the one published at this place of its run.
+            let n = (run.events - 1) as u64;
+            if let Err(what) = crate::publish::check_event(
+                &sh.script,
+                sh.params.payload,
+                run_id,
+                n,
+                kind,
+                b,
+                &mut self.scratch,
+            ) {
+                // Not `self.label()`: `run` still borrows `self.runs`.
+                sh.fail(&sh.faults.wrong_event, || {
+                    format!("{} tab {}: {what}", self.user.name, self.tab)
+                });
+            }
+        }
         if kind == b"agent_completed" {
             run.completed = true;
             let events = run.events;

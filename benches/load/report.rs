@@ -99,6 +99,14 @@ pub fn params_json(p: &Params) -> Value {
             m.insert("storm_after_ms".into(), json!(p.storm_after_ms));
             m.insert("storm_pause_ms".into(), json!(p.storm_pause_ms));
         }
+        Scenario::Publish => {
+            m.insert("publishers".into(), json!(p.publishers));
+            m.insert("batch".into(), json!(p.batch));
+            m.insert("retry_rate".into(), json!(p.retry_rate));
+            if let Some(i) = p.inject {
+                m.insert("inject".into(), json!(format!("{i:?}").to_lowercase()));
+            }
+        }
         Scenario::Slow => {
             m.insert("slow_clients".into(), json!(p.slow_clients));
             m.insert("slow_pause_ms".into(), json!(p.slow_pause_ms));
@@ -290,6 +298,32 @@ pub fn figures(p: &Params, o: &Outcome, f: &Figures) -> Value {
                 }),
             );
         }
+        Scenario::Publish => {
+            let accepted = l(&ev.publish_accepted);
+            // Publisher side: first answer to the last answer that added events.
+            let span = l(&ev.publish_last_accept_us)
+                .saturating_sub(o.run_start_us)
+                .max(1);
+            let mut pb = json!({
+                "batches_answered": l(&ev.publish_batches),
+                "accepted_events": accepted,
+                "accepted_events_per_sec": (accepted as f64 * 1e6 / span as f64).round(),
+                "batches_resent": l(&ev.publish_resent),
+                "batches_overlapping": l(&ev.publish_overlapped),
+                "answers_429": l(&ev.publish_429),
+                "create_refusals": l(&ev.start_refusals),
+                "reconnects": l(&ev.publish_reconnects),
+                "first_batch_not_started": l(&ev.publish_not_started),
+            });
+            if let Some(h) = &o.batch_rtt {
+                pb["batch_rtt_us"] = stats::summary(h);
+            }
+            if let Some(c) = server_cpu {
+                pb["server_cpu_us_per_accepted_event"] =
+                    json!(round3(c as f64 / accepted.max(1) as f64));
+            }
+            m.insert("publish".into(), pb);
+        }
         Scenario::Slow => {
             m.insert(
                 "slow".into(),
@@ -375,6 +409,12 @@ pub fn table(p: &Params, v: &Value, faults: &[(&str, u64)], messages: &[String],
                 String::new()
             },
             p.events_per_run()
+        );
+    }
+    if p.scenario == Scenario::Publish {
+        println!(
+            "   published over HTTP by {} publishers (one keep-alive connection each), batches of {}, retry rate {}",
+            p.publishers, p.batch, p.retry_rate
         );
     }
     for line in extra {
@@ -539,6 +579,61 @@ pub fn table(p: &Params, v: &Value, faults: &[(&str, u64)], messages: &[String],
             target_note(p, "loss"),
         );
     }
+    if let Some(pb) = f.get("publish") {
+        row("publish: accepted events", num(&pb["accepted_events"]), "");
+        row(
+            "publish: accepted events per second",
+            num(&pb["accepted_events_per_sec"]),
+            "publisher side: first to last accepting answer",
+        );
+        row(
+            "publish: batches answered",
+            num(&pb["batches_answered"]),
+            "resent and 429'd ones included",
+        );
+        row(
+            "publish: resent / overlapping batches",
+            format!(
+                "{} / {}",
+                num(&pb["batches_resent"]),
+                num(&pb["batches_overlapping"])
+            ),
+            "on purpose (--retry-rate)",
+        );
+        row(
+            "publish: 429 / create refusals",
+            format!(
+                "{} / {}",
+                num(&pb["answers_429"]),
+                num(&pb["create_refusals"])
+            ),
+            "",
+        );
+        if pb["reconnects"].as_u64() > Some(0) {
+            row("publish: reconnects", num(&pb["reconnects"]), "");
+        }
+        if pb["first_batch_not_started"].as_u64() > Some(0) {
+            row(
+                "publish: WARNING first batch 409'd",
+                num(&pb["first_batch_not_started"]),
+                "runs whose first batch after the 201 got \"the run has not started\" (a server race; retried)",
+            );
+        }
+        row(
+            "publish: batch round trip p50 / p99 (us)",
+            format!(
+                "{} / {}",
+                num(&pb["batch_rtt_us"]["p50"]),
+                num(&pb["batch_rtt_us"]["p99"])
+            ),
+            "POST to answer",
+        );
+        row(
+            "server CPU per accepted event (us)",
+            num(&pb["server_cpu_us_per_accepted_event"]),
+            "",
+        );
+    }
     if let Some(sl) = f.get("slow") {
         row("slow: closed 4008", num(&sl["closed_4008"]), "");
         row("slow: reset", num(&sl["reset"]), "");
@@ -577,7 +672,9 @@ pub fn table(p: &Params, v: &Value, faults: &[(&str, u64)], messages: &[String],
         );
     }
     let total: u64 = faults.iter().map(|(_, n)| n).sum();
-    let verdict = if total == 0 {
+    let verdict = if total == 0 && p.scenario == Scenario::Publish {
+        "OK: every connection saw every published event of its user once, in order, with the text published under its n, the same as its user's other tabs, nothing foreign, every run completed; every batch accepted exactly its new events".to_string()
+    } else if total == 0 {
         "OK: every connection saw every event of its user once, in order, the same as its user's other tabs, nothing foreign, every run completed".to_string()
     } else {
         format!(

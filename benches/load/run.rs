@@ -45,6 +45,8 @@ pub struct Outcome {
     /// Machine-wide (busy, total) CPU ticks over the run phase, from /proc/stat.
     pub machine_ticks: Option<(u64, u64)>,
     pub sources: usize,
+    /// publish: every publisher's batch round trips, merged.
+    pub batch_rtt: Option<hdrhistogram::Histogram<u64>>,
 }
 
 fn random_tag() -> String {
@@ -156,6 +158,11 @@ pub async fn run(
         t0_unix_us,
         start_run: client::start_run_frame(&p).into(),
         events_per_run: p.events_per_run() as u32,
+        script: if p.scenario == Scenario::Publish {
+            crate::publish::script(&p)
+        } else {
+            Vec::new()
+        },
         connect_sem: Semaphore::new(connect_concurrency.max(1)),
         gate: gate_rx,
         stop: stop_rx,
@@ -206,6 +213,26 @@ pub async fn run(
                 global,
             )));
             global += 1;
+        }
+    }
+    // publish: the publishers wait for the gate, as the driver tabs do. User i is published
+    // to by publisher i mod N, each publisher with a token of its own.
+    let mut publishers: Vec<tokio::task::JoinHandle<crate::publish::PublisherOutcome>> = Vec::new();
+    if p.scenario == Scenario::Publish {
+        let signer = agentcast::auth::Signer::new(&cluster.secret, None, None);
+        for idx in 0..p.publishers {
+            let mine: Vec<Arc<User>> = users
+                .iter()
+                .filter(|u| u.idx % p.publishers == idx)
+                .cloned()
+                .collect();
+            let token = signer.sign_publisher(&format!("bench-{tag}-publisher-{idx}"), exp, None);
+            publishers.push(tokio::spawn(crate::publish::run_publisher(
+                shared.clone(),
+                idx,
+                mine,
+                format!("Bearer {token}"),
+            )));
         }
     }
     let deadline = Instant::now() + timeout.max(Duration::from_secs(30));
@@ -271,6 +298,16 @@ pub async fn run(
     } else {
         tokio::time::sleep(Duration::from_secs_f64(p.hold_secs)).await;
     }
+    // The publishers end after their last answer, which may come after the tabs saw the last
+    // event (a batch resent on purpose); a stuck one is stopped with the rest.
+    let publishers_deadline = Instant::now() + Duration::from_secs(5);
+    let mut batch_rtt = None;
+    let mut created: std::collections::HashMap<usize, usize> = Default::default();
+    if !timed_out && !stalled {
+        while publishers.iter().any(|h| !h.is_finished()) && Instant::now() < publishers_deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     let run_secs = run_start.elapsed().as_secs_f64();
     let server_run_end = sample();
     let harness_cpu_us = server::self_cpu_us() - harness_cpu_start;
@@ -298,6 +335,41 @@ pub async fn run(
     }
 
     let _ = stop_tx.send(true);
+    for h in publishers {
+        match h.await {
+            Ok(o) => {
+                let rtt = batch_rtt.get_or_insert_with(crate::stats::histogram);
+                let _ = rtt.add(&o.batch_rtt);
+                for (user, n) in o.runs_created {
+                    *created.entry(user).or_default() += n;
+                }
+            }
+            Err(e) => shared.fail(&shared.faults.publish_errors, || {
+                format!("a publisher task failed: {e}")
+            }),
+        }
+    }
+    if p.scenario == Scenario::Publish {
+        // Every user's runs created, and every event of them taken once.
+        for u in &users {
+            let n = created.get(&u.idx).copied().unwrap_or(0);
+            if n != p.runs {
+                shared.fail(&shared.faults.incomplete, || {
+                    format!(
+                        "{}: {n} of {} runs created by its publisher",
+                        u.name, p.runs
+                    )
+                });
+            }
+        }
+        let want = (p.users * p.runs * (p.events_per_run() - 1)) as u64;
+        let got = shared.events.publish_accepted.load(Ordering::Relaxed);
+        if got != want {
+            shared.fail(&shared.faults.publish_accepted, || {
+                format!("the server accepted {got} published events in all, {want} were published")
+            });
+        }
+    }
     let mut tabs = Vec::with_capacity(n);
     for h in handles {
         match h.await {
@@ -350,5 +422,6 @@ pub async fn run(
         harness_cpu_us,
         machine_ticks,
         sources: sources.len(),
+        batch_rtt,
     }
 }
