@@ -15,6 +15,7 @@ mod http_api;
 mod info;
 mod interrupts;
 mod isolation;
+mod library;
 mod limits;
 mod liveness;
 mod llm;

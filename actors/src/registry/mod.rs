@@ -620,7 +620,8 @@ impl Handler<Resume> for ConnectionRegistry {
 }
 
 impl ConnectionRegistry {
-    /// The checks of a run start that need nothing but this node.
+    /// The checks of a run start that need nothing but this node, but the agent's own input
+    /// check ([`check_input`], which is the agent's code and runs on the agents' arbiter).
     fn check_start(&self, msg: &StartRun) -> Result<CheckedStart, StartRefused> {
         if self.shutting_down {
             return Err(StartRefused::ShuttingDown);
@@ -635,10 +636,26 @@ impl ConnectionRegistry {
             };
         };
         let tools = self.catalog.tools().clone();
-        agent
-            .check_input(&msg.input, &tools)
-            .map_err(StartRefused::InvalidInput)?;
         Ok(CheckedStart::Agent { agent, tools })
+    }
+
+    /// Claims the user's limits (here, or on Redis) and launches the run.
+    fn claim_and_launch(
+        &mut self,
+        msg: StartRun,
+        checked: CheckedStart,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<RunId, StartRefused>> {
+        if self.shutting_down {
+            return Box::pin(actix::fut::ready(Err(StartRefused::ShuttingDown)));
+        }
+        if self.shared.is_some() {
+            return self.claim_shared(msg, checked);
+        }
+        let started = self
+            .claim_locally(&msg.user)
+            .map(|()| self.launch(new_run_id(), msg, checked, ctx));
+        Box::pin(actix::fut::ready(started))
     }
 
     /// This node's limits of the user's runs (without a shared log).
@@ -733,13 +750,38 @@ impl Handler<StartRun> for ConnectionRegistry {
             Ok(checked) => checked,
             Err(refused) => return Box::pin(actix::fut::ready(Err(refused))),
         };
-        if self.shared.is_some() {
-            return self.claim_shared(msg, checked);
-        }
-        let started = self
-            .claim_locally(&msg.user)
-            .map(|()| self.launch(new_run_id(), msg, checked, ctx));
-        Box::pin(actix::fut::ready(started))
+        let CheckedStart::Agent { agent, tools } = &checked else {
+            return self.claim_and_launch(msg, checked, ctx);
+        };
+        // The agent's input check is its code: it runs on the agents' arbiter, never here,
+        // and a panic in it is contained (the start is refused, the server goes on).
+        let (agent, tools) = (agent.clone(), tools.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.agents.spawn(async move {
+            let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                agent.check_input(&msg.input, &tools)
+            }));
+            let _ = tx.send((verdict, msg));
+        });
+        Box::pin(
+            actix::fut::wrap_future(rx).then(move |checked_input, act: &mut Self, ctx| {
+                match checked_input {
+                    Ok((Ok(Ok(())), msg)) => act.claim_and_launch(msg, checked, ctx),
+                    Ok((Ok(Err(why)), _)) => {
+                        Box::pin(actix::fut::ready(Err(StartRefused::InvalidInput(why))))
+                    }
+                    Ok((Err(payload), msg)) => {
+                        let what = crate::panic::message(payload.as_ref());
+                        log::error!("agent {}: its input check panicked: {what}", msg.agent);
+                        Box::pin(actix::fut::ready(Err(StartRefused::InvalidInput(format!(
+                            "the agent's input check failed: {what}"
+                        )))))
+                    }
+                    // The agents' arbiter is gone: the server is stopping.
+                    Err(_) => Box::pin(actix::fut::ready(Err(StartRefused::ShuttingDown))),
+                }
+            }),
+        )
     }
 }
 
