@@ -150,9 +150,6 @@ pub struct Events {
     pub publish_overlapped: AtomicU64,
     pub publish_429: AtomicU64,
     pub publish_reconnects: AtomicU64,
-    /// publish: runs whose first batch was refused 409 "the run has not started" after their
-    /// 201 (then retried).
-    pub publish_not_started: AtomicU64,
     /// publish: the latest answer that accepted a batch, microseconds since t0.
     pub publish_last_accept_us: AtomicU64,
 }

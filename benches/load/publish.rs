@@ -619,7 +619,6 @@ impl Publisher<'_> {
     async fn send(&mut self, run: &Live, new: u64, last: u64) -> Result<(), Stop> {
         let path = format!("/v1/publish/runs/{}/events", run.run_id);
         let mut transport_errors = 0;
-        let mut not_started = 0;
         loop {
             if self.stopped() {
                 return Err(Stop);
@@ -666,25 +665,6 @@ impl Publisher<'_> {
                     ev.publish_last_accept_us
                         .fetch_max(now_us(self.sh), Ordering::Relaxed);
                     return Ok(());
-                }
-                409 if run.next == 1
-                    && not_started < 1000
-                    && v["message"]
-                        .as_str()
-                        .is_some_and(|m| m.contains("has not started")) =>
-                {
-                    // A race in the server: its 201 comes before the run's actor has had its
-                    // `agent_started` sequenced, and a first batch that overtakes it is refused.
-                    // Counted and shown (a publisher must not see this after a 201), retried so
-                    // that the rest can be measured; nothing of a refused batch is taken.
-                    not_started += 1;
-                    if not_started == 1 {
-                        self.sh
-                            .events
-                            .publish_not_started
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 429 => {
                     // The user's events are held back for a tab catching up: retry later.

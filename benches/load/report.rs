@@ -313,7 +313,6 @@ pub fn figures(p: &Params, o: &Outcome, f: &Figures) -> Value {
                 "answers_429": l(&ev.publish_429),
                 "create_refusals": l(&ev.start_refusals),
                 "reconnects": l(&ev.publish_reconnects),
-                "first_batch_not_started": l(&ev.publish_not_started),
             });
             if let Some(h) = &o.batch_rtt {
                 pb["batch_rtt_us"] = stats::summary(h);
@@ -611,13 +610,6 @@ pub fn table(p: &Params, v: &Value, faults: &[(&str, u64)], messages: &[String],
         );
         if pb["reconnects"].as_u64() > Some(0) {
             row("publish: reconnects", num(&pb["reconnects"]), "");
-        }
-        if pb["first_batch_not_started"].as_u64() > Some(0) {
-            row(
-                "publish: WARNING first batch 409'd",
-                num(&pb["first_batch_not_started"]),
-                "runs whose first batch after the 201 got \"the run has not started\" (a server race; retried)",
-            );
         }
         row(
             "publish: batch round trip p50 / p99 (us)",
