@@ -24,6 +24,9 @@ pub const DEV_SECRET: &str = "agentcast-dev-mode-secret-do-not-use-in-production
 /// as the hash (256 bits). A short secret can be found by brute force from any one token.
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// Every setting of a server: each a flag of `agentcast serve` and an `AGENTCAST_*` variable
+/// (PROTOCOL.md section 9, the README's Configuration). `Config::default()` is the flags'
+/// defaults; [`Config::from_command_line`] reads them as `agentcast serve` does.
 #[derive(Clone, Args)]
 pub struct Config {
     /// Address to listen on.
