@@ -213,6 +213,11 @@ pub struct Config {
     #[arg(long, env = "AGENTCAST_PUBLISH_IDLE_MS", default_value_t = 60_000)]
     pub publish_idle_ms: u64,
 
+    /// Runs one publisher may have running at once, over all its users (per node): a
+    /// publisher can create runs for any user id, and each holds memory until it ends.
+    #[arg(long, env = "AGENTCAST_MAX_RUNS_PER_PUBLISHER", default_value_t = 1000)]
+    pub max_runs_per_publisher: usize,
+
     /// Largest body of a publisher's request (a batch of events), in bytes.
     #[arg(long, env = "AGENTCAST_PUBLISH_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub publish_max_body_bytes: usize,
@@ -303,6 +308,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             webhook_agents: Vec::new(),
             publish_idle_ms: 60_000,
+            max_runs_per_publisher: 1000,
             publish_max_body_bytes: 1024 * 1024,
             public_url: None,
             max_connections: 100_000,
@@ -350,6 +356,7 @@ impl std::fmt::Debug for Config {
             .field("allowed_origins", &self.allowed_origins)
             .field("webhook_agents", &self.webhook_agents)
             .field("publish_idle_ms", &self.publish_idle_ms)
+            .field("max_runs_per_publisher", &self.max_runs_per_publisher)
             .field("publish_max_body_bytes", &self.publish_max_body_bytes)
             .field("public_url", &self.public_url)
             .field("max_connections", &self.max_connections)
@@ -558,6 +565,7 @@ impl Config {
             ("jwt-key-check-ms", self.jwt_key_check_ms),
             ("runs-per-minute", self.runs_per_minute as u64),
             ("publish-idle-ms", self.publish_idle_ms),
+            ("max-runs-per-publisher", self.max_runs_per_publisher as u64),
             ("publish-max-body-bytes", self.publish_max_body_bytes as u64),
             ("llm-max-steps", self.llm_max_steps as u64),
             ("llm-idle-timeout-ms", self.llm_idle_timeout_ms),

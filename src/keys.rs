@@ -249,7 +249,7 @@ impl Verifier {
         };
         for key in keys {
             match decode::<TokenClaims>(token, key, validation) {
-                Ok(data) => return check_claims(data.claims),
+                Ok(data) => return check_claims(data.claims, header.alg == Algorithm::HS256),
                 Err(e) if *e.kind() == ErrorKind::InvalidSignature => continue,
                 Err(e) => return Err(refusal(e.kind())),
             }
@@ -275,7 +275,9 @@ pub enum Scope {
 }
 
 /// The checks jsonwebtoken leaves to us: `iat` not in the future, the user id, and the scope.
-fn check_claims(claims: TokenClaims) -> Result<Principal, AuthError> {
+/// Only a token signed with one of the server's own secrets (`own`) can be a publisher's: an
+/// identity provider's keys speak for users, and a `scope: "publish"` it signed is a user's.
+fn check_claims(claims: TokenClaims, own: bool) -> Result<Principal, AuthError> {
     if let Some(iat) = &claims.iat {
         match numeric_date(iat) {
             Some(iat) if iat > auth::now_unix() as f64 => return Err(AuthError::NotYetValid),
@@ -286,15 +288,15 @@ fn check_claims(claims: TokenClaims) -> Result<Principal, AuthError> {
     if !auth::valid_user_id(&claims.sub) {
         return Err(AuthError::BadSubject);
     }
-    let scope = match (&claims.scope, &claims.run) {
-        (Some(Value::String(s)), None) if s == "publish" => Scope::Publisher { run: None },
-        (Some(Value::String(s)), Some(Value::String(run))) if s == "publish" => Scope::Publisher {
+    let publish = own && matches!(&claims.scope, Some(Value::String(s)) if s == "publish");
+    let scope = match (publish, &claims.run) {
+        (true, None) => Scope::Publisher { run: None },
+        (true, Some(Value::String(run))) => Scope::Publisher {
             run: Some(run.clone()),
         },
         // A run named where it means nothing, or not as a string: not a token we made.
-        (Some(Value::String(s)), Some(_)) if s == "publish" => return Err(AuthError::Invalid),
         (_, Some(_)) => return Err(AuthError::Invalid),
-        _ => Scope::User,
+        (false, None) => Scope::User,
     };
     Ok(Principal {
         sub: claims.sub,
@@ -894,6 +896,31 @@ mod tests {
 
     fn claims(sub: &str) -> Value {
         json!({"sub": sub, "exp": now_unix() + 60})
+    }
+
+    #[test]
+    fn only_the_servers_own_secret_makes_publishers() {
+        let ed = public_key_from_pem(fixture!("ed.pub.pem"), "ed").unwrap();
+        let v = Verifier::new(&KeySettings::default(), vec![ed]);
+        let exp = now_unix() + 60;
+        let from_idp = signed(
+            Algorithm::EdDSA,
+            fixture!("ed.key.pem"),
+            None,
+            &json!({"sub": "mallory", "exp": exp, "scope": "publish"}),
+        );
+        assert_eq!(
+            v.verify_principal(&from_idp).map(|p| p.scope),
+            Ok(Scope::User),
+            "an identity provider's `scope: publish` is a user's"
+        );
+        let with_run = signed(
+            Algorithm::EdDSA,
+            fixture!("ed.key.pem"),
+            None,
+            &json!({"sub": "mallory", "exp": exp, "scope": "publish", "run": "run_1"}),
+        );
+        assert_eq!(v.verify_principal(&with_run), Err(AuthError::Invalid));
     }
 
     #[test]

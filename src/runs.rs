@@ -144,6 +144,13 @@ pub(crate) fn start_refused(refused: StartRefused) -> HttpResponse {
             "too_many_runs",
             &format!("{limit} runs are already running for this user"),
         ),
+        StartRefused::TooManyPublished(limit) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_runs",
+            &format!(
+                "{limit} runs of this publisher are already running (--max-runs-per-publisher)"
+            ),
+        ),
         StartRefused::RateLimited { retry_after_ms } => HttpResponse::TooManyRequests()
             .insert_header(("Retry-After", retry_after_ms.div_ceil(1000).to_string()))
             .json(json!({

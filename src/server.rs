@@ -102,6 +102,7 @@ pub async fn start(config: Config, offered: CatalogBuilder) -> io::Result<Starte
         run_timeout: config.run_timeout(),
         interrupt_timeout: config.interrupt_timeout(),
         publish_idle: Duration::from_millis(config.publish_idle_ms),
+        max_runs_per_publisher: config.max_runs_per_publisher,
         webhooks: webhook_agents(&config, &catalog)?,
         slow_consumer_grace: Duration::from_millis(config.slow_consumer_grace_ms),
         shutdown_wait: Duration::from_secs(10),

@@ -56,7 +56,13 @@ pub enum Refused {
     /// A publisher's `agent_completed` while a tool call is still open (section 11: the
     /// server closes open calls only for ends it makes itself).
     CallsOpen,
+    /// A publisher's `tool_executing` while [`MAX_OPEN_CALLS`] calls are open.
+    TooManyOpenCalls,
 }
+
+/// Most tool calls a published run may have open at once: each is kept (and looked up) until
+/// its `tool_completed`, so a publisher that never completes them must be stopped somewhere.
+pub const MAX_OPEN_CALLS: usize = 256;
 
 impl Refused {
     /// What was wrong, for a person to fix (a publisher's 409).
@@ -74,6 +80,9 @@ impl Refused {
             Refused::QuestionNotOpen => "no open question with this interrupt_id",
             Refused::CallsOpen => {
                 "agent_completed while a tool call is open: send its tool_completed first"
+            }
+            Refused::TooManyOpenCalls => {
+                "256 tool calls are open: complete some before starting more"
             }
         }
     }
@@ -108,6 +117,11 @@ impl RunLedger {
         {
             return Err(Refused::CallsOpen);
         }
+        if matches!(data, EventData::ToolExecuting { .. })
+            && self.open_calls.len() >= MAX_OPEN_CALLS
+        {
+            return Err(Refused::TooManyOpenCalls);
+        }
         self.admit(data, now).map(|_| ())
     }
 
@@ -141,7 +155,11 @@ impl RunLedger {
         if !self.started {
             return Err(Refused::NotStarted);
         }
-        if self.cancelling && !matches!(data, EventData::AgentCompleted { .. }) {
+        // An answer the run's actor took before the cancel reached it settles its question:
+        // the tab that answered was told so, and every tab must see it that way.
+        let settles = matches!(data, EventData::InputReceived { interrupt_id, .. }
+            if self.question(interrupt_id) == Some(Question::Open));
+        if self.cancelling && !matches!(data, EventData::AgentCompleted { .. }) && !settles {
             return Err(Refused::Cancelling);
         }
         match data {
@@ -454,6 +472,38 @@ mod tests {
         assert!(
             matches!(&closing[1], EventData::ToolCompleted { tool_call_id, ok: false, .. } if tool_call_id == "tc_1")
         );
+    }
+
+    #[test]
+    fn an_answer_taken_before_the_cancel_still_settles_its_question() {
+        let mut l = RunLedger::default();
+        let now = Instant::now();
+        l.admit(&started(), now).unwrap();
+        l.admit(&ask("in_1", None), now).unwrap();
+        l.cancel();
+        l.admit(&answered("in_1"), now).unwrap();
+        assert_eq!(l.admit(&answered("in_1"), now), Err(Refused::Cancelling));
+        let closing = l.admit(&end(RunStatus::Cancelled, None), now).unwrap();
+        assert!(
+            closing.is_empty(),
+            "no expiry for an answered question: {closing:?}"
+        );
+    }
+
+    #[test]
+    fn a_publisher_cannot_keep_calls_open_without_bound() {
+        let mut l = RunLedger::default();
+        let now = Instant::now();
+        l.admit(&started(), now).unwrap();
+        for i in 0..MAX_OPEN_CALLS {
+            l.admit_published(&exec(&format!("c{i}")), now).unwrap();
+        }
+        assert_eq!(
+            l.admit_published(&exec("one-more"), now),
+            Err(Refused::TooManyOpenCalls)
+        );
+        l.admit_published(&done("c0"), now).unwrap();
+        l.admit_published(&exec("one-more"), now).unwrap();
     }
 
     #[test]

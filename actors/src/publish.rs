@@ -12,6 +12,8 @@ use crate::event::{ErrorBody, EventData, RunStatus};
 
 /// Most events in one batch.
 pub const MAX_BATCH_EVENTS: usize = 1000;
+/// Highest `n`: the largest integer every JSON reader keeps exactly.
+pub const MAX_N: u64 = 1 << 53;
 /// Longest agent name a publisher may give its run.
 pub const MAX_AGENT_NAME: usize = 64;
 
@@ -107,8 +109,8 @@ fn parse_event(event: &Value) -> Result<PublishedEvent, Fault> {
     let n = obj
         .get("n")
         .and_then(Value::as_u64)
-        .filter(|n| *n >= 1)
-        .ok_or_else(|| Fault::Shape("n must be a whole number from 1".into()))?;
+        .filter(|n| (1..=MAX_N).contains(n))
+        .ok_or_else(|| Fault::Shape("n must be a whole number from 1 to 2^53".into()))?;
     let kind = obj
         .get("type")
         .and_then(Value::as_str)
@@ -318,6 +320,7 @@ mod tests {
     fn wrong_shapes_are_400_with_their_index() {
         let bad = [
             json!({"n": 0, "type": "agent_thinking", "data": {"text": "a"}}),
+            json!({"n": u64::MAX, "type": "agent_thinking", "data": {"text": "a"}}),
             json!({"n": 1, "type": 5, "data": {}}),
             json!({"n": 1, "type": "agent_thinking", "data": {"text": 1}}),
             json!({"n": 1, "type": "agent_thinking", "data": []}),

@@ -144,6 +144,8 @@ pub enum StartRefused {
     UnknownAgent,
     InvalidInput(String),
     TooManyRuns(usize),
+    /// The publisher already has `--max-runs-per-publisher` runs running (section 11).
+    TooManyPublished(usize),
     /// More than `--runs-per-minute` starts; a token is back after this long.
     RateLimited {
         retry_after_ms: u64,

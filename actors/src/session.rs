@@ -267,6 +267,13 @@ impl Session {
                                 ErrorCode::TooManyRuns,
                                 &format!("{limit} runs are already running for this user"),
                             ),
+                            // Only a publisher's start is refused so; not a tab's.
+                            Ok(Err(StartRefused::TooManyPublished(limit))) => act.refuse(
+                                ctx,
+                                rid,
+                                ErrorCode::TooManyRuns,
+                                &format!("{limit} runs of this publisher are already running"),
+                            ),
                             Ok(Err(StartRefused::RateLimited { retry_after_ms })) => act.send(
                                 ctx,
                                 Control::Error {
@@ -346,7 +353,10 @@ impl Session {
                     interrupt_id,
                     response,
                 });
-                ctx.wait(
+                // Not `wait`: the answer may travel to another node (up to 5 s), and nothing's order
+                // depends on its `ack`, while a session that does not read its mailbox meanwhile
+                // would be taken for a slow consumer.
+                ctx.spawn(
                     actix::fut::wrap_future(ask).map(move |answer, act: &mut Self, ctx| {
                         let rid = request_id.as_deref();
                         match answer {

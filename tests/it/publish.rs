@@ -790,3 +790,26 @@ async fn a_first_batch_right_after_the_create_is_taken() {
         assert_eq!(r.status, 200, "run {i}: {}", r.body);
     }
 }
+
+/// `--max-runs-per-publisher`: a publisher can create runs for any user id, so its running
+/// runs are bounded over all users; one that ends makes room; another publisher is not held.
+#[tokio::test]
+async fn a_publisher_has_a_bound_over_all_its_users() {
+    let server = start(agentcast::Config {
+        max_runs_per_publisher: 2,
+        ..test_config()
+    });
+    let p = Publisher::new(&server, "svc");
+    let first = p.create("u1", "a", Value::Null).await;
+    p.create("u2", "a", Value::Null).await;
+    let r = p
+        .post("/v1/publish/runs", &json!({"user": "u3", "agent": "a"}))
+        .await;
+    assert_refused(&r, 429, "too_many_runs");
+    assert!(r.body.contains("publisher"), "{}", r.body);
+    Publisher::new(&server, "other")
+        .create("u3", "a", Value::Null)
+        .await;
+    assert_eq!(p.publish(&first, json!([end(1)])).await, 1);
+    p.create("u3", "a", Value::Null).await;
+}

@@ -28,6 +28,7 @@ use super::keys::{self, UserKeys};
 use super::{RedisLink, Unavailable};
 use crate::event::RunStatus;
 use crate::ids::UserId;
+use crate::registry::runs::PublisherRef;
 use crate::router::{BatchAccepted, PublishRefused, RespondRefused};
 
 /// Longest an asking node waits for the run's node's reply.
@@ -148,10 +149,20 @@ fn parse_status(status: &str) -> RunStatus {
 }
 
 /// Requests of this node waiting for a reply, by token.
-#[derive(Default)]
 pub struct Waiting {
     next: AtomicU64,
     open: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+}
+
+impl Default for Waiting {
+    /// Tokens start at a random number: a node that restarts under the same id must not take
+    /// a late reply meant for its previous process for the answer to a new request.
+    fn default() -> Self {
+        Waiting {
+            next: AtomicU64::new(rand::random::<u64>() >> 1),
+            open: Mutex::default(),
+        }
+    }
 }
 
 impl Waiting {
@@ -245,14 +256,26 @@ impl RedisLink {
         })
     }
 
-    /// The user of a published run, from its index (set when it was created).
-    pub async fn published_user(&self, run_id: &str) -> Result<Option<UserId>, Unavailable> {
+    /// A published run's user, if `who` may touch it: from the run's index (set when it was
+    /// created, with its owner), so that a run of another publisher is not even found.
+    pub async fn published_user(
+        &self,
+        run_id: &str,
+        who: PublisherRef<'_>,
+    ) -> Result<Option<UserId>, Unavailable> {
         let mut conn = self.conn.clone();
-        let user: Option<String> = redis::cmd("GET")
+        let index: Option<String> = redis::cmd("GET")
             .arg(keys::published_run(run_id))
             .query_async(&mut conn)
             .await?;
-        Ok(user.map(UserId::from))
+        let Some((user, owner)) = index.as_deref().and_then(|i| i.split_once('\n')) else {
+            return Ok(None);
+        };
+        let allowed = match who.only_run {
+            Some(run) => run == run_id && owner.is_empty(),
+            None => owner == who.name,
+        };
+        Ok(allowed.then(|| UserId::from(user)))
     }
 
     /// Sends `request` to `node` and waits for its reply.

@@ -85,8 +85,8 @@ pub fn node_control(node: &str) -> String {
     format!("agentcast:node:{node}:control")
 }
 
-/// A published run's user (section 11), for a node that gets a batch of it without knowing
-/// whose it is: `user`.
+/// A published run's user and owner (section 11), for a node that gets a batch of it without
+/// knowing whose it is: `user \n owner` (owner empty: a webhook agent's run).
 pub fn published_run(run_id: &str) -> String {
     format!("agentcast:published:{run_id}")
 }

@@ -322,7 +322,8 @@ impl RedisLink {
     }
 
     /// Claims a run start against the user's cluster-wide limits and records the run; a
-    /// published run is also indexed by its id, for batches that reach another node.
+    /// published run (`published`: its owner, empty for a webhook agent's) is also indexed by
+    /// its id, for batches that reach another node.
     #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &self,
@@ -332,7 +333,7 @@ impl RedisLink {
         thread_id: Option<&str>,
         max_runs: usize,
         runs_per_minute: u32,
-        published: bool,
+        published: Option<&str>,
     ) -> Result<Claim, Unavailable> {
         let keys = UserKeys::new(user);
         let mut conn = self.conn.clone();
@@ -374,11 +375,12 @@ impl RedisLink {
                 .arg(&member)
                 .query_async(&mut conn)
                 .await;
-        } else if published {
-            // A publisher's batches may reach any node, which must find the run's user.
+        } else if let Some(owner) = published {
+            // A publisher's batches may reach any node, which must find the run's user, and
+            // tell its owner from other publishers before anything else.
             let _: () = redis::cmd("SET")
                 .arg(keys::published_run(run_id))
-                .arg(user.as_ref())
+                .arg(format!("{user}\n{owner}"))
                 .arg("PX")
                 .arg(self.config.run_ttl().as_millis() as u64)
                 .query_async(&mut conn)

@@ -66,6 +66,8 @@ pub struct RegistrySettings {
     pub interrupt_timeout: Duration,
     /// A published run with no batch for this long ends `timed_out` (section 11).
     pub publish_idle: Duration,
+    /// Runs one publisher may have running at once, over all its users (on this node).
+    pub max_runs_per_publisher: usize,
     pub webhooks: crate::published_run::WebhookAgents,
     pub slow_consumer_grace: Duration,
     /// Longest a shutdown waits for cancelled runs to report their end.
@@ -87,6 +89,7 @@ impl Default for RegistrySettings {
             run_timeout: Duration::from_secs(300),
             interrupt_timeout: Duration::from_secs(600),
             publish_idle: Duration::from_secs(60),
+            max_runs_per_publisher: 1000,
             webhooks: Default::default(),
             slow_consumer_grace: Duration::from_secs(5),
             shutdown_wait: Duration::from_secs(10),

@@ -62,6 +62,12 @@ impl Handler<StartPublished> for ConnectionRegistry {
         if self.shutting_down {
             return Box::pin(actix::fut::ready(Err(StartRefused::ShuttingDown)));
         }
+        let limit = self.settings.max_runs_per_publisher;
+        if self.runs.running_published(&msg.publisher) >= limit {
+            return Box::pin(actix::fut::ready(Err(StartRefused::TooManyPublished(
+                limit,
+            ))));
+        }
         let checked = CheckedStart::Published {
             owner: Some(msg.publisher.into()),
             webhook: None,
@@ -108,8 +114,18 @@ impl ConnectionRegistry {
         let Some((run_id, record)) = self.runs.get(&msg.run_id) else {
             return Err(PublishRefused::NotFound);
         };
+        // Whose it is first: nothing else of another publisher's run is told.
+        if !record
+            .publication
+            .as_ref()
+            .is_some_and(|p| p.allows(run_id, who))
+        {
+            return Err(PublishRefused::NotFound);
+        }
         let (run_id, user) = (run_id.clone(), record.user.clone());
         if !msg.events.is_empty() && record.ended.is_none() && self.held_back(&user) {
+            // The publisher is there, retrying: that is not idleness.
+            self.runs.touch(&run_id);
             return Err(PublishRefused::Busy);
         }
         let now = Instant::now();

@@ -72,7 +72,8 @@ pub struct PublisherRef<'a> {
 impl Publication {
     pub fn allows(&self, run_id: &str, who: PublisherRef<'_>) -> bool {
         match who.only_run {
-            Some(run) => run == run_id,
+            // A token for one run is the server's, made for a webhook agent's run alone.
+            Some(run) => run == run_id && self.owner.is_none(),
             None => self.owner.as_deref() == Some(who.name),
         }
     }
@@ -145,6 +146,20 @@ pub struct RunTable {
     runs: HashMap<RunId, RunRecord>,
     /// Runs not yet ended.
     pub running: usize,
+    /// Published runs not yet ended, by publisher (`--max-runs-per-publisher`).
+    by_publisher: HashMap<Arc<str>, usize>,
+}
+
+/// One run fewer for its publisher, if it has one.
+fn publisher_done(by_publisher: &mut HashMap<Arc<str>, usize>, run: &RunRecord) {
+    if let Some(owner) = run.publication.as_ref().and_then(|p| p.owner.as_ref()) {
+        if let Some(n) = by_publisher.get_mut(owner) {
+            *n -= 1;
+            if *n == 0 {
+                by_publisher.remove(owner);
+            }
+        }
+    }
 }
 
 impl RunTable {
@@ -158,6 +173,9 @@ impl RunTable {
         publication: Option<Publication>,
     ) {
         self.running += 1;
+        if let Some(owner) = publication.as_ref().and_then(|p| p.owner.clone()) {
+            *self.by_publisher.entry(owner).or_default() += 1;
+        }
         self.runs.insert(
             run_id,
             RunRecord {
@@ -236,6 +254,7 @@ impl RunTable {
         if let Some(status) = ended {
             run.ended = Some((now, msg.at, status));
             self.running = self.running.saturating_sub(1);
+            publisher_done(&mut self.by_publisher, run);
         }
         if let EventData::AgentStarted { .. } = msg.data {
             // The run's start is its first event, not when the registry got round to noting it.
@@ -269,6 +288,18 @@ impl RunTable {
         Some(())
     }
 
+    /// Tells a published run's actor that its publisher is sending (its idle clock restarts).
+    pub fn touch(&self, run_id: &str) {
+        if let Some(RunActor::Published(actor)) = self.runs.get(run_id).map(|r| &r.actor) {
+            actor.do_send(crate::published_run::Touched);
+        }
+    }
+
+    /// Running published runs of `owner`.
+    pub fn running_published(&self, owner: &str) -> usize {
+        self.by_publisher.get(owner).copied().unwrap_or(0)
+    }
+
     /// Checks a publisher's batch against its run: the publisher's own run, `n` without a
     /// hole or a repeat (what was accepted before is skipped), and every event the run's
     /// ledger would admit, all of them or none. `duration_ms` left out is filled in.
@@ -290,7 +321,7 @@ impl RunTable {
             .ok_or(PublishRefused::NotFound)?;
         let last_n = run.publication.as_ref().map_or(0, |p| p.last_n);
         for (i, pair) in batch.windows(2).enumerate() {
-            if pair[1].n != pair[0].n + 1 {
+            if pair[0].n.checked_add(1) != Some(pair[1].n) {
                 let what = if pair[1].n == pair[0].n {
                     "repeats"
                 } else {
@@ -390,6 +421,7 @@ impl RunTable {
         if let Some(status) = ended {
             run.ended = Some((now, SystemTime::now(), status));
             self.running = self.running.saturating_sub(1);
+            publisher_done(&mut self.by_publisher, run);
         }
         let actor = match &run.actor {
             RunActor::Published(a) => Some(a.clone()),

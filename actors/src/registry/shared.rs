@@ -16,6 +16,7 @@ use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use super::runs::PublisherRef;
 use crate::event::{Draft, ErrorBody, EventData, Frame, RunStatus};
 use crate::ids::{new_run_id, RunId, UserId};
 use crate::publish::{parse_batch, BatchFault};
@@ -349,7 +350,12 @@ impl ConnectionRegistry {
         let run_id = new_run_id();
         let (user, agent, thread_id) = (msg.user.clone(), msg.agent.clone(), msg.thread_id.clone());
         let claim_id = run_id.clone();
-        let published = matches!(checked, super::CheckedStart::Published { .. });
+        let published = match &checked {
+            super::CheckedStart::Published { owner, .. } => {
+                Some(owner.as_deref().unwrap_or("").to_string())
+            }
+            super::CheckedStart::Agent { .. } => None,
+        };
         Box::pin(
             actix::fut::wrap_future(async move {
                 link.claim(
@@ -359,7 +365,7 @@ impl ConnectionRegistry {
                     thread_id.as_deref(),
                     max_runs,
                     per_minute,
-                    published,
+                    published.as_deref(),
                 )
                 .await
             })
@@ -442,8 +448,12 @@ impl ConnectionRegistry {
                 log::warn!("a batch of run {run_id}: {e}");
                 PublishRefused::Unavailable
             };
+            let who = PublisherRef {
+                name: &msg.publisher,
+                only_run: msg.only_run.as_deref(),
+            };
             let Some(user) = link
-                .published_user(&msg.run_id)
+                .published_user(&msg.run_id, who)
                 .await
                 .map_err(unavailable)?
             else {
@@ -485,8 +495,12 @@ impl ConnectionRegistry {
                 log::warn!("a publisher's view of run {}: {e}", msg.run_id);
                 InspectRefused::Unavailable
             };
+            let who = PublisherRef {
+                name: &msg.publisher,
+                only_run: msg.only_run.as_deref(),
+            };
             let Some(user) = link
-                .published_user(&msg.run_id)
+                .published_user(&msg.run_id, who)
                 .await
                 .map_err(unavailable)?
             else {
