@@ -389,8 +389,11 @@ impl ConnectionRegistry {
                     .idle_since
                     .is_none_or(|since| now.duration_since(since) < ttl),
                 Some(_) => {
+                    // A user whose epoch is being renewed is kept: connects wait in its
+                    // entry for the new epoch, and a fresh entry would read the old one.
                     e.idle_since.is_none()
                         || e.follow.asked
+                        || e.follow.renewing
                         || e.follow.reading > 0
                         || e.inspecting > 0
                 }
