@@ -278,6 +278,23 @@ impl RedisLink {
         Ok(allowed.then(|| UserId::from(user)))
     }
 
+    /// Where a published run is, if `who` may touch it: its user, the node that runs (or
+    /// ran) it, and how it ended, if it has.
+    pub async fn published_place(
+        &self,
+        run_id: &str,
+        who: PublisherRef<'_>,
+    ) -> Result<Option<(UserId, String, Option<RunStatus>)>, Unavailable> {
+        let Some(user) = self.published_user(run_id, who).await? else {
+            return Ok(None);
+        };
+        Ok(match self.place(&user, run_id).await? {
+            RunPlace::On(node) => Some((user, node, None)),
+            RunPlace::Ended { node, status } => Some((user, node, Some(status))),
+            RunPlace::Here | RunPlace::Nowhere => None,
+        })
+    }
+
     /// Sends `request` to `node` and waits for its reply.
     pub async fn ask(&self, node: &str, request: &Request) -> Result<Reply, Unavailable> {
         let body = serde_json::to_string(request)

@@ -452,17 +452,12 @@ impl ConnectionRegistry {
                 name: &msg.publisher,
                 only_run: msg.only_run.as_deref(),
             };
-            let Some(user) = link
-                .published_user(&msg.run_id, who)
+            let Some((_, node, ended)) = link
+                .published_place(&msg.run_id, who)
                 .await
                 .map_err(unavailable)?
             else {
                 return Err(PublishRefused::NotFound);
-            };
-            let (node, ended) = match link.place(&user, &msg.run_id).await.map_err(unavailable)? {
-                RunPlace::On(node) => (node, None),
-                RunPlace::Ended { node, status } => (node, Some(status)),
-                RunPlace::Here | RunPlace::Nowhere => return Err(PublishRefused::NotFound),
             };
             let events = msg.events.iter().map(|e| e.to_wire()).collect();
             let request = Request::Publish {
@@ -499,16 +494,12 @@ impl ConnectionRegistry {
                 name: &msg.publisher,
                 only_run: msg.only_run.as_deref(),
             };
-            let Some(user) = link
-                .published_user(&msg.run_id, who)
+            let Some((user, node, _)) = link
+                .published_place(&msg.run_id, who)
                 .await
                 .map_err(unavailable)?
             else {
                 return Err(InspectRefused::NotFound);
-            };
-            let node = match link.place(&user, &msg.run_id).await.map_err(unavailable)? {
-                RunPlace::On(node) | RunPlace::Ended { node, .. } => node,
-                RunPlace::Here | RunPlace::Nowhere => return Err(InspectRefused::NotFound),
             };
             let request = Request::Owner {
                 publisher: msg.publisher,
