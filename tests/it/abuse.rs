@@ -16,6 +16,7 @@
 //! 6. `reading_tabs_never_lose_events`
 //! 7. `sse_resume_and_live_bursts_reach_a_fast_reader`
 //! 8. `questions_nobody_answers_cost_a_bounded_amount_until_they_expire`
+//! 9. `one_publisher_holds_a_bounded_amount_until_its_runs_go_idle`
 //!
 //! Run with `cargo test --test it abuse:: -- --test-threads=1 --nocapture` to see the figures.
 //! The tests also take a lock so that they run one at a time under the default parallel runner:
@@ -1240,4 +1241,124 @@ async fn questions_nobody_answers_cost_a_bounded_amount_until_they_expire() {
         format!("{expired} questions settled, want 128 (all expired)")
     });
     f.assert_none("questions");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. A publisher (section 11) that creates all the runs it may and leaves them open.
+
+/// One publisher creates `--max-runs-per-publisher` (here 500) runs for 500 different users,
+/// fills each with the most open tool calls a run may hold (256, with 2 KB of arguments each)
+/// and then goes silent. The next run is refused (429); what the server holds for them stays
+/// under 128 MiB (52 MiB measured; events kept for resume held to 8 MiB here, so that they
+/// do not count), no
+/// file descriptor is held for a run, and after `--publish-idle-ms` every run has ended and
+/// its calls were closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_publisher_holds_a_bounded_amount_until_its_runs_go_idle() {
+    let _serial = SERIAL.lock().await;
+    let server = Server::start(&[
+        "--max-runs-per-publisher",
+        "500",
+        "--publish-idle-ms",
+        // Longer than creating the 500 runs takes (about 35 s in a debug build), so that
+        // none has gone idle when the 501st is asked for.
+        "60000",
+        "--runs-per-minute",
+        "100000",
+        "--replay-max-bytes",
+        "8388608",
+    ]);
+    let addr = server.addr;
+    let bearer = server.publisher_bearer("hostile-service");
+    let mut f = Failures::default();
+    let mut http = Http::new(addr);
+    let args = "x".repeat(2000);
+    let fds_before = server.fds();
+    let watch = RssWatch::start(server.pid, 128.0);
+    let t0 = Instant::now();
+    let mut runs = 0;
+    for u in 0..500 {
+        if watch.blown() {
+            f.fail("RSS over twice the bound");
+            break;
+        }
+        let body = format!(r#"{{"user":"victim-{u}","agent":"a"}}"#);
+        let r = http
+            .call(
+                "POST",
+                "/v1/publish/runs",
+                &[("Authorization", &bearer)],
+                &body,
+            )
+            .await;
+        let Some(run) = serde_json::from_str::<Value>(&r.body)
+            .ok()
+            .and_then(|v| v["run_id"].as_str().map(str::to_string))
+        else {
+            f.fail(format!("run {u}: {} {}", r.status, short(&r.body)));
+            break;
+        };
+        let events: Vec<Value> = (1..=256)
+            .map(|n| {
+                serde_json::json!({"n": n, "type": "tool_executing",
+                "data": {"tool_call_id": format!("c{n}"), "tool": "t", "args": {"a": args}}})
+            })
+            .collect();
+        let batch = serde_json::json!({ "events": events }).to_string();
+        let r = http
+            .call(
+                "POST",
+                &format!("/v1/publish/runs/{run}/events"),
+                &[("Authorization", &bearer)],
+                &batch,
+            )
+            .await;
+        f.check(r.status == 200, || {
+            format!("run {u}'s batch: {} {}", r.status, short(&r.body))
+        });
+        runs += 1;
+    }
+    let r = http
+        .call(
+            "POST",
+            "/v1/publish/runs",
+            &[("Authorization", &bearer)],
+            r#"{"user":"one-more","agent":"a"}"#,
+        )
+        .await;
+    f.check(r.status == 429, || {
+        format!("run 501: {} {}", r.status, short(&r.body))
+    });
+    let growth = watch.peak_growth_mib();
+    let fds = server.fds();
+    eprintln!(
+        "[abuse] publisher: {runs} runs x 256 open calls in {:.1} s; RSS peak +{growth:.1} MiB (baseline {:.1} MiB), {:.1} KiB per run; fds {fds_before} -> {fds}",
+        secs(t0.elapsed()),
+        watch.baseline_mib(),
+        growth * 1024.0 / runs.max(1) as f64
+    );
+    f.check(growth < 128.0, || {
+        format!("{runs} open runs: RSS grew {growth:.1} MiB (bound 128)")
+    });
+    f.check(fds <= fds_before + 4, || {
+        format!("open runs hold fds: {fds_before} -> {fds}")
+    });
+    let done = wait_runs_done(addr, Duration::from_secs(60)).await;
+    f.check(done, || {
+        "runs still running 60 s after their publisher went silent (idle 8 s)".into()
+    });
+    let closed = metric(
+        addr,
+        "agentcast_events_emitted_total{type=\"tool_completed\"}",
+    )
+    .await
+    .unwrap_or(0.0);
+    eprintln!(
+        "[abuse] publisher: all ended {:.1} s after the first run; {closed} calls closed",
+        secs(t0.elapsed())
+    );
+    f.check(closed == runs as f64 * 256.0, || {
+        format!("{closed} calls closed, want {}", runs * 256)
+    });
+    f.assert_none("publisher");
 }

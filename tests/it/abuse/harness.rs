@@ -165,6 +165,13 @@ impl Server {
         )
     }
 
+    /// A publisher's token (section 11) for the service `name`.
+    pub fn publisher_bearer(&self, name: &str) -> String {
+        let claims =
+            json!({ "sub": name, "exp": crate::common::now_unix() + 3600, "scope": "publish" });
+        format!("Bearer {}", sign_claims(&self.secret, &claims))
+    }
+
     pub fn bearer(&self, user: &str) -> String {
         format!("Bearer {}", self.token(user))
     }
